@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (real-model tests included). Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/bootstrap.sh"
+cd "$root"
+exec "$root/.venv/bin/python" -m pytest "$@"

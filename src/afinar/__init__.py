@@ -1,0 +1,37 @@
+"""afinar: fine-tune open LLMs from a JSONL file of examples.
+
+    import afinar
+    report = afinar.validate("data.jsonl")
+    result = afinar.train(afinar.TrainConfig(data="data.jsonl"))
+    model = afinar.load(result.run_dir)
+    model.generate([[{"role": "user", "content": "Hola"}]])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["TrainConfig", "train", "load", "validate", "GenerationSettings", "AfinarError"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import afinar` stays fast (torch and transformers load only when used).
+    if name == "TrainConfig":
+        from afinar.config import TrainConfig
+        return TrainConfig
+    if name == "train":
+        from afinar.train.loop import train
+        return train
+    if name == "load":
+        from afinar.infer.generate import load
+        return load
+    if name == "GenerationSettings":
+        from afinar.infer.generate import GenerationSettings
+        return GenerationSettings
+    if name == "validate":
+        from afinar.data.validate import load_examples
+        return load_examples
+    if name == "AfinarError":
+        from afinar.errors import AfinarError
+        return AfinarError
+    raise AttributeError(name)

@@ -1,0 +1,281 @@
+"""The `afinar` command. Each command parses its options, calls one library function, prints.
+
+No command holds logic of its own: the server and the Python API call the same functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from afinar.console import TrainProgress, console, out, print_error, print_issues
+from afinar.errors import AfinarError
+from afinar.models.registry import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune open LLMs from a JSONL file: validate, train, chat, generate.")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _user_errors(func):
+    """User mistakes print one clear message and exit 1; bugs keep their traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except AfinarError as exc:
+            print_error(exc)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _notify(message: str) -> None:
+    console.print(f"[dim]{message}[/]")
+
+
+@app.command()
+@_user_errors
+def validate(
+    path: Path = typer.Argument(..., help="Data file (.jsonl)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model whose tokenizer counts the tokens."),
+    format: Optional[str] = typer.Option(None, help="Force a format instead of detecting it."),
+    max_seq_length: int = typer.Option(1024, help="Report examples longer than this."),
+    tokens: bool = typer.Option(True, help="Compute token statistics (loads the tokenizer)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Check a data file: every problem as PATH:LINE: field: message, then a report."""
+    from afinar.data.validate import load_examples
+
+    report = load_examples(path, format)
+    if tokens and report.examples:
+        _quiet_libraries()
+        from afinar.data.prepare import describe_data, encode_all
+        from afinar.data.tokenize import ChatEncoder
+        from afinar.models.load import load_tokenizer, stop_token_ids
+        from afinar.models.registry import resolve_model
+
+        resolved = resolve_model(model, notify=_notify)
+        tokenizer = load_tokenizer(resolved.tokenizer_source)
+        encoded = encode_all(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)))
+        describe_data(report, encoded, max_seq_length, "truncate")
+    if as_json:
+        out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print_issues(report.issues)
+        _print_data_report(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _print_data_report(report) -> None:
+    verdict = "[green]usable[/]" if report.ok else "[red]not usable[/]"
+    out.print(f"{report.path}: {len(report.examples)} examples, format {report.format}, "
+              f"{len(report.errors)} errors, {len(report.warnings)} warnings: {verdict}")
+    s = report.stats
+    if s.get("examples"):
+        out.print(f"  tokens per example: min {s['tokens_min']}, median {s['tokens_median']}, "
+                  f"p95 {s['tokens_p95']}, max {s['tokens_max']} (total {s['tokens_total']})")
+        out.print(f"  supervised (trained) tokens: {s['supervised_tokens']} "
+                  f"({s['supervised_share']:.0%})")
+        out.print(f"  longer than {s['max_seq_length']} tokens: {s['over_max_seq_length']} "
+                  f"(will be {s['over_max_action']})")
+    if "duplicate_groups" in s:
+        out.print(f"  exact duplicates: {len(s['duplicate_groups'])} group(s)"
+                  + (f", lines {s['duplicate_groups'][:5]}" if s["duplicate_groups"] else ""))
+        out.print(f"  contradictions (same prompt, different answers): "
+                  f"{len(s['contradiction_groups'])}"
+                  + (f", lines {s['contradiction_groups'][:5]}" if s["contradiction_groups"]
+                     else ""))
+
+
+@app.command()
+@_user_errors
+def train(
+    data: Optional[str] = typer.Option(None, help="Training data (.jsonl)."),
+    model: Optional[str] = typer.Option(None, help=f"Base model (default {DEFAULT_MODEL})."),
+    output: Optional[str] = typer.Option(None, help="Run directory (default runs/<data>-<time>)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting: key=value, e.g. "
+                                   "lora.r=8 (repeatable)."),
+    validation_data: Optional[str] = typer.Option(None, help="Held-out file instead of a split."),
+    epochs: Optional[str] = typer.Option(None, help="Epochs, or auto."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory."),
+):
+    """Fine-tune a model (LoRA by default) and write a run directory."""
+    from afinar.config import load_train_config
+
+    _quiet_libraries()
+    from afinar.train.loop import train as run_training
+
+    if resume is not None:
+        from afinar import rundir
+
+        cfg_file = resume / rundir.CONFIG_FILE
+        if not cfg_file.is_file():
+            raise AfinarError(f"{resume}: not a run directory (no {rundir.CONFIG_FILE})")
+        cfg = load_train_config(cfg_file, set_)
+        # paths in a saved config are already resolved; do not re-anchor them to the run folder
+        from afinar.config import TrainConfig, build_config, parse_overrides, read_yaml, _merge
+
+        cfg = build_config(TrainConfig, _merge(read_yaml(cfg_file), parse_overrides(set_)),
+                           str(cfg_file))
+        cfg = cfg.model_copy(update={"output": str(resume)})
+    else:
+        values = {"data": data, "model": model, "output": output,
+                  "validation_data": validation_data,
+                  "epochs": (epochs if epochs in (None, "auto") else _int(epochs, "--epochs"))}
+        cfg = load_train_config(config, set_, **values)
+    progress = TrainProgress()
+    result = run_training(cfg, on_event=progress, resume=resume is not None)
+    _print_summary(result.run_dir, result.summary)
+
+
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AfinarError(f"{name}: expected a number or auto, got {value!r}") from None
+
+
+def _print_summary(run_dir, s: dict) -> None:
+    best = (f"best held-out loss {s['best_eval_loss']:.4f} at step {s['best_step']}"
+            if s.get("best_eval_loss") is not None else "no held-out data")
+    out.print(f"[green]done[/] {s['steps']} steps in {s['train_seconds']:.0f} s, "
+              f"{s['tokens_per_s']:.0f} tokens/s, peak memory {s['peak_memory_mb']:.0f} MB; "
+              f"{best}" + (" (stopped early)" if s.get("stopped_early") else ""))
+    out.print(f"Talk to it: afinar chat {run_dir}")
+
+
+def _settings(max_tokens: int, temperature: float, top_p: float):
+    from afinar.infer.generate import GenerationSettings
+
+    if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 1:
+        raise AfinarError("need temperature >= 0, 0 < top-p <= 1 and max-tokens >= 1")
+    return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
+
+
+@app.command()
+@_user_errors
+def chat(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model name/path or a run directory."),
+    system: Optional[str] = typer.Option(None, help="System message for the conversation."),
+    max_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (default); higher = more varied."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with temperature > 0)."),
+):
+    """Talk to a model or a trained run. /reset clears the conversation, /exit quits."""
+    _quiet_libraries()
+    from afinar.infer.generate import load
+
+    settings = _settings(max_tokens, temperature, top_p)
+    loaded = load(model, notify=_notify)
+    console.print(f"[dim]{loaded.name} ready. /reset clears, /exit or Ctrl-D quits.[/]")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    while True:
+        try:
+            text = console.input("[bold cyan]> [/]")
+        except EOFError:
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = list(start)
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        pieces = []
+        for piece in loaded.stream(history, settings):
+            pieces.append(piece)
+            out.print(piece, end="", soft_wrap=True)
+        out.print()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+@app.command()
+@_user_errors
+def generate(
+    model: str = typer.Argument(..., help="Model name/path or a run directory."),
+    input: Path = typer.Option(..., "--input", "-i", help="Conversations (.jsonl)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the answers."),
+    max_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    batch_size: int = typer.Option(8, help="Prompts generated together."),
+):
+    """Answer every conversation of a file (a trailing assistant turn is replaced)."""
+    _quiet_libraries()
+    from rich.progress import Progress
+
+    from afinar.infer.generate import generate_file, load
+
+    settings = _settings(max_tokens, temperature, top_p)
+    loaded = load(model, notify=_notify)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("generating", total=None)
+        count = generate_file(loaded, str(input), str(output), settings, batch_size,
+                              lambda done, total: bar.update(task, completed=done, total=total))
+    out.print(f"wrote {count} answers to {output}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    output: Optional[str] = typer.Option(None, help="Run directory (default runs/demo-<time>)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a training setting."),
+):
+    """The quickstart: tune the embedded model on the bundled Spanish triage data, compare."""
+    _quiet_libraries()
+    from rich.table import Table
+
+    from afinar.demo import run_demo
+
+    output = output or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}"
+    result = run_demo(output, on_event=TrainProgress(), notify=_notify, overrides=set_)
+    _print_summary(result.run_dir, result.train_summary)
+    table = Table(title="Held-out prompts: base vs tuned", show_lines=True, expand=True)
+    for name in ("prompt", "base model", "tuned model"):
+        table.add_column(name, ratio=1, overflow="fold")
+    shown = [r for r in result.rows if r.is_triage][:4] + [
+        r for r in result.rows if not r.is_triage][:2]
+    for row in shown:
+        table.add_row(row.prompt, row.base, row.tuned)
+    out.print(table)
+    n_tri = sum(r.is_triage for r in result.rows)
+    out.print(f"Format adherence on {n_tri} held-out triage prompts: base "
+              f"{result.base_adherence:.0%}, tuned [bold]{result.tuned_adherence:.0%}[/]")
+    out.print(f"Format leaking into {len(result.rows) - n_tri} ordinary prompts: base "
+              f"{result.base_leak:.0%}, tuned {result.tuned_leak:.0%}")
+    out.print(f"Try it: .venv/bin/afinar chat {result.run_dir} --system \"Eres el asistente de "
+              "soporte de Ferrolux, una tienda online de electrodomésticos.\"")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

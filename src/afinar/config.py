@@ -1,0 +1,194 @@
+"""Typed configuration for every command: pydantic models, YAML files, `key=value` overrides.
+
+    cfg = load_train_config("examples/soporte-triaje/train.yaml", ["lora.r=8", "epochs=2"])
+
+Each run saves its resolved config (every default filled in) as RUN/config.yaml.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from afinar.errors import AfinarError
+from afinar.models.registry import DEFAULT_MODEL
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scale: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input. 0 skips a "
+                           "copy of every adapted input: measured ~1.5x faster steps on CPU.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Which linear layers get adapters; all-linear = every one but "
+        "the output head (what QLoRA found works best).")
+    dora: bool = Field(False, description="Use DoRA (weight-decomposed LoRA).")
+
+
+class TrainConfig(_Strict):
+    """Everything `afinar train` needs; only `data` has no default."""
+
+    data: str = Field(description="Training file (.jsonl).")
+    model: str = Field(DEFAULT_MODEL, description="Base model: a name, folder, .gguf or hub id.")
+    output: str | None = Field(None, description="Run directory; default runs/<data>-<time>.")
+    format: str | None = Field(None, description="Force a data format instead of detecting it.")
+    validation_data: str | None = Field(None, description="Held-out file; else split `data`.")
+    held_out_fraction: float = Field(0.2, ge=0, lt=1,
+                                     description="Share of `data` held out when no validation file.")
+    method: Literal["lora", "full"] = Field("lora", description="LoRA (or DoRA) adapters, or "
+                                            "full fine-tuning of every weight.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    epochs: Union[int, Literal["auto"]] = Field(
+        "auto", description="Passes over the data. auto: 3, more for small sets (at least 200 "
+        "example-passes, at most 25 epochs), fewer for very large ones.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: Union[float, Literal["auto"]] = Field(
+        "auto", description="Peak learning rate. auto: 2e-4 for LoRA, 2e-5 for full.")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps warming up the LR.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    max_seq_length: int = Field(1024, ge=8, description="Longer examples are truncated or dropped.")
+    overflow: Literal["truncate", "drop"] = Field("truncate", description="What to do with "
+                                                  "examples longer than max_seq_length.")
+    seed: int = 42
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; default: "
+                                   "about 10 evaluations per run.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; default: "
+                                   "at every evaluation.")
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Stop after this many evaluations without a better held-out loss; "
+        "null = never.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype. auto: bf16 on GPUs and on CPUs with native bf16, "
+        "fp32 otherwise.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.validation_data and self.held_out_fraction and "held_out_fraction" in (
+                self.model_fields_set):
+            raise ValueError("give either validation_data or held_out_fraction, not both")
+        return self
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate != "auto":
+            return float(self.learning_rate)
+        return 2e-4 if self.method == "lora" else 2e-5
+
+
+def auto_epochs(n_train: int) -> int:
+    if n_train <= 0:
+        return 1
+    if n_train * 3 > 25_000:
+        return max(1, 25_000 // n_train)
+    return min(25, max(3, -(-200 // n_train)))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise AfinarError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["lora.r=8", "epochs=2"]` → {"lora": {"r": 8}, "epochs": 2}; values parsed as YAML."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise AfinarError(f"--set {pair!r}: expected key=value", "e.g. --set lora.r=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, info in model.model_fields.items():
+        names.append(prefix + name)
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            names += _field_names(info.annotation, f"{prefix}{name}.")
+    return names
+
+
+def _readable(exc: ValidationError, model: type[BaseModel], source: str) -> AfinarError:
+    lines = []
+    known = _field_names(model)
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, known, n=1)
+            msg = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
+        lines.append(f"{loc or '(config)'}: {msg}")
+    return AfinarError(f"invalid config ({source}):\n  " + "\n  ".join(lines),
+                       "see `afinar train --help` or docs/configuration.md")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise AfinarError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise AfinarError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise AfinarError(f"{path}: a config file must be a mapping of settings")
+    return data
+
+
+def build_config(model: type[BaseModel], values: dict, source: str):
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise _readable(exc, model, source) from None
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      **values) -> TrainConfig:
+    """File values, then keyword values (e.g. from CLI options), then `--set` overrides win."""
+    data = read_yaml(path) if path else {}
+    base_dir = Path(path).parent if path else None
+    if base_dir is not None:
+        # Paths in a config file are relative to the file, so examples run from anywhere.
+        for key in ("data", "validation_data"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str(base_dir / data[key])
+    data = _merge(data, {k: v for k, v in values.items() if v is not None})
+    data = _merge(data, parse_overrides(overrides or []))
+    return build_config(TrainConfig, data, str(path) if path else "command line")
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

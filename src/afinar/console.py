@@ -1,0 +1,107 @@
+"""Terminal output for the CLI: the live training progress bar and the error printer.
+
+Only the CLI imports this; the library reports through plain event dicts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class TrainProgress:
+    """Turns training events into a rich progress bar (or periodic lines when not a terminal)."""
+
+    def __init__(self):
+        self.live = console.is_terminal
+        self.progress = None
+        self.task = None
+        self.eval_loss = None
+        self.total = 0
+        self._last_printed = -1
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "log":
+            style = {"warning": "yellow", "error": "red"}.get(event["level"], "dim")
+            prefix = "warning: " if event["level"] == "warning" else ""
+            console.print(f"[{style}]{prefix}{event['message']}[/]")
+        elif kind == "start":
+            self._start(event)
+        elif kind == "step":
+            self._step(event)
+        elif kind == "eval":
+            self.eval_loss = event["eval_loss"]
+            if not self.live:
+                console.print(f"  eval step {event['step']}: held-out loss "
+                              f"{event['eval_loss']:.4f}, token accuracy "
+                              f"{event['eval_token_accuracy']:.1%}")
+        elif kind == "end":
+            if self.progress:
+                self.progress.stop()
+
+    def _start(self, event: dict) -> None:
+        self.total = event["total_steps"]
+        console.print(
+            f"Training {event['trainable_params']:,} of {event['total_params']:,} parameters on "
+            f"{event['train_examples']} examples ({event['held_out_examples']} held out): "
+            f"{event['total_steps']} steps, {event['epochs']} epochs, lr {event['learning_rate']:g}, "
+            f"{event['precision']} on {event['device']}"
+            + (f" x{event['processes']}" if event["processes"] > 1 else ""))
+        console.print(f"Run directory: {event['run_dir']}")
+        if self.live:
+            self.progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                TaskProgressColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"), console=console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total,
+                                               completed=event["start_step"], info="", eta="?")
+
+    def _step(self, event: dict) -> None:
+        held = f" held-out {self.eval_loss:.3f}" if self.eval_loss is not None else ""
+        info = (f"epoch {event['epoch']:.2f} loss {event['train_loss']:.3f}{held} "
+                f"{event['tokens_per_s']:.0f} tok/s")
+        if self.progress:
+            self.progress.update(self.task, completed=event["step"], info=info,
+                                 eta=_fmt_eta(event["eta_s"]))
+        else:
+            every = max(1, self.total // 10)
+            if event["step"] % every == 0 or event["step"] == self.total:
+                console.print(f"  step {event['step']}/{self.total} {info} "
+                              f"ETA {_fmt_eta(event['eta_s'])}")
+
+
+def print_error(exc) -> None:
+    from afinar.errors import DataError
+
+    report = getattr(exc, "report", None) if isinstance(exc, DataError) else None
+    if report is not None:
+        print_issues(report.issues)
+    console.print(f"[bold red]error:[/] {exc.message}")
+    if exc.hint:
+        console.print(f"  [dim]hint: {exc.hint}[/]")
+
+
+def print_issues(issues, limit: int = 200) -> None:
+    for issue in issues[:limit]:
+        color = "red" if issue.severity == "error" else "yellow"
+        console.print(f"[{color}]{issue.severity}[/] {issue}", soft_wrap=True)
+    if len(issues) > limit:
+        console.print(f"... and {len(issues) - limit} more")
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty()

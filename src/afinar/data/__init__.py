@@ -1,0 +1,1 @@
+"""Data: read example files in the common formats, validate them, tokenise and batch them."""

@@ -1,0 +1,53 @@
+"""The one internal example type every input format is converted into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # one of ROLES; OpenAI's "developer" is stored as "system"
+    content: str
+    # Whether the model is trained on this message. Only assistant messages can be trained.
+    train: bool = False
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a conversation, or a raw text (then `messages` is empty)."""
+
+    messages: tuple[Message, ...] = ()
+    text: str | None = None
+    path: str = ""
+    line: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.text is None
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    def prompt_messages(self) -> tuple[Message, ...]:
+        """Everything before the last assistant message: what a user would send at inference."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "assistant":
+                return self.messages[:i]
+        return self.messages
+
+    def final_answer(self) -> str | None:
+        for m in reversed(self.messages):
+            if m.role == "assistant":
+                return m.content
+        return None
+
+    def to_openai(self) -> dict:
+        """The example as an OpenAI chat-format record (what `generate` reads and writes)."""
+        if not self.is_chat:
+            return {"text": self.text}
+        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}

@@ -1,0 +1,85 @@
+"""From data file(s) to token ids ready for training, plus the report a user reads first.
+
+    prepared = prepare_data(config, encoder)     # raises DataError when the data is unusable
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from afinar.data.example import Example
+from afinar.data.split import split_examples
+from afinar.data.stats import duplicates_and_contradictions, token_stats
+from afinar.data.tokenize import ChatEncoder, Tokenized, fit_length
+from afinar.data.validate import ValidationReport, load_examples
+from afinar.errors import DataError
+
+
+@dataclass
+class PreparedData:
+    train_examples: list[Example]
+    held_examples: list[Example]
+    train: list[Tokenized]
+    held: list[Tokenized]
+    report: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_usable(report: ValidationReport) -> None:
+    if not report.ok:
+        raise DataError(f"{report.path}: {len(report.errors)} problem(s) make this data unusable",
+                        report, "fix the lines listed above; `afinar validate FILE` re-checks")
+
+
+def encode_all(examples: list[Example], encoder: ChatEncoder) -> list[Tokenized]:
+    return [encoder.encode(ex, i) for i, ex in enumerate(examples)]
+
+
+def _fit_all(items: list[Tokenized], max_len: int, overflow: str) -> list[Tokenized]:
+    return [t for t in (fit_length(i, max_len, overflow) for i in items) if t is not None]
+
+
+def describe_data(report: ValidationReport, encoded: list[Tokenized], max_len: int,
+                  overflow: str) -> dict:
+    """Validation report + token statistics + duplicates/contradictions, as one dict."""
+    out = report.to_dict()
+    out["stats"] = {**token_stats(encoded, max_len, overflow),
+                    **duplicates_and_contradictions(report.examples)}
+    report.stats = out["stats"]
+    return out
+
+
+def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
+    report = load_examples(config.data, config.format)
+    check_usable(report)
+    warnings = [str(i) for i in report.warnings]
+    if config.validation_data:
+        held_report = load_examples(config.validation_data, config.format)
+        if held_report.errors:
+            raise DataError(f"{held_report.path}: validation data has problems", held_report)
+        train_ex, held_ex = report.examples, held_report.examples
+        how = f"validation file {config.validation_data}"
+    else:
+        train_ex, held_ex = split_examples(report.examples, config.held_out_fraction, config.seed)
+        how = f"seeded split (seed {config.seed}, {config.held_out_fraction:.0%} held out)"
+
+    train_full = encode_all(train_ex, encoder)
+    held_full = encode_all(held_ex, encoder)
+    summary = describe_data(report, train_full + held_full, config.max_seq_length, config.overflow)
+    train = _fit_all(train_full, config.max_seq_length, config.overflow)
+    held = _fit_all(held_full, config.max_seq_length, config.overflow)
+    summary["split"] = {"method": how, "train": len(train_ex), "held_out": len(held_ex),
+                        "train_after_length_limit": len(train), "held_after_length_limit": len(held)}
+    dropped = len(train_full) - len(train)
+    truncated = sum(1 for t in train if t.truncated)
+    if dropped or truncated:
+        warnings.append(f"{truncated} training example(s) truncated and {dropped} dropped at "
+                        f"max_seq_length={config.max_seq_length}")
+    if not train:
+        raise DataError("no training example is left after applying max_seq_length", report,
+                        "raise max_seq_length or use overflow=truncate")
+    if summary["stats"].get("contradiction_groups"):
+        warnings.append(f"{len(summary['stats']['contradiction_groups'])} prompt(s) have "
+                        "different answers in the data (lines "
+                        f"{summary['stats']['contradiction_groups'][:3]}...)")
+    return PreparedData(train_ex, held_ex, train, held, summary, warnings)

@@ -1,0 +1,1 @@
+"""Training: the SFT loop, its losses, and run-directory state for resuming."""

@@ -1,0 +1,364 @@
+"""The supervised fine-tuning loop, top to bottom: setup → steps → evaluation → checkpoints.
+
+    from afinar import TrainConfig, train
+    result = train(TrainConfig(data="examples/soporte-triaje/data.jsonl"))
+
+Runs single-process on CPU or GPU, and multi-process under `torchrun`/`accelerate launch`
+(accelerate provides device placement, autocast and DDP). Progress is reported as plain dict
+events to `on_event`, so the CLI, the server and tests observe the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from afinar import rundir
+from afinar.config import TrainConfig, auto_epochs, dump_config
+from afinar.data.batching import collate, plan_batches
+from afinar.data.prepare import PreparedData, prepare_data
+from afinar.data.tokenize import IGNORE, ChatEncoder, Tokenized
+from afinar.errors import AfinarError
+from afinar.models import adapters
+from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
+                                stop_token_ids)
+from afinar.models.registry import resolve_model
+from afinar.train import state as ckpt
+from afinar.train.losses import SupervisedLoss
+
+Event = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+
+
+def _default_output(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(config.data).stem}-{stamp}"
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _build_optimizer(model, config: TrainConfig, lr: float):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _build_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    warmup = int(round(config.warmup_ratio * total_steps))
+    return get_scheduler(name[config.lr_scheduler], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+class _Metrics:
+    """metrics.jsonl writer; on resume, drops lines logged after the checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate_loss(loss_model, items: list[Tokenized], batch_size: int, pad_id: int,
+                  accelerator) -> dict:
+    """Held-out loss, perplexity and token accuracy on the supervised (assistant) tokens."""
+    loss_model.eval()
+    mine = items[accelerator.process_index::accelerator.num_processes]
+    mine = sorted(mine, key=lambda t: -len(t.input_ids))
+    totals = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        batch = collate(mine[start:start + batch_size], pad_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss_sum, count, correct = loss_model(**batch)
+        totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    loss_model.train()
+    loss = (totals[0] / totals[1]).item() if totals[1] else float("nan")
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)),
+            "eval_token_accuracy": (totals[2] / totals[1]).item() if totals[1] else float("nan"),
+            "eval_tokens": int(totals[1])}
+
+
+def _save_folder_atomic(model, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
+def _write_run_info(run: Path, config: TrainConfig, status: str, **extra) -> None:
+    info = rundir.read_run_info(run)
+    info.update({"status": status, "base_model": config.model, "method": config.method,
+                 "data": config.data, **extra})
+    info.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    info["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rundir.write_json_atomic(run / rundir.RUN_FILE, info)
+
+
+def train(config: TrainConfig, on_event: Event | None = None, resume: bool = False
+          ) -> TrainResult:
+    """Fine-tunes `config.model` on `config.data`; returns the run directory and a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    emit = on_event or (lambda event: None)
+
+    def say(message: str, level: str = "info") -> None:
+        emit({"type": "log", "level": level, "message": message})
+
+    # --- setup -----------------------------------------------------------------------------
+    run = Path(config.output) if config.output else _default_output(config)
+    if not resume and run.exists() and any(run.iterdir()):
+        raise AfinarError(f"{run}: run directory exists and is not empty",
+                          f"resume it with `afinar train --resume {run}`, or pick --output")
+    config = config.model_copy(update={"output": str(run)})
+    device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision={"fp32": "no"}.get(precision, precision))
+    main = accelerator.is_main_process
+    set_seed(config.seed)
+
+    resolved = resolve_model(config.model, notify=say)
+    tokenizer = load_tokenizer(resolved.tokenizer_source)
+    model = load_causal_lm(resolved, torch.device("cpu"))
+    stops = stop_token_ids(tokenizer, model)
+    data: PreparedData = prepare_data(config, ChatEncoder(tokenizer, stops))
+    for warning in data.warnings:
+        say(warning, "warning")
+
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / rundir.CONFIG_FILE).write_text(dump_config(config))
+        rundir.write_json_atomic(run / rundir.DATA_REPORT, data.report)
+        tokenizer.save_pretrained(run / rundir.TOKENIZER_DIR)
+        _write_run_info(run, config, "running", base_model_path=resolved.weights,
+                        precision=precision, device=str(accelerator.device))
+
+    model = adapters.attach(model, config.method, config.lora)
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    loss_model = SupervisedLoss(model)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    lengths = [len(t.input_ids) for t in data.train]
+    micro_per_epoch = math.ceil(len(lengths) / config.batch_size) // world
+    if micro_per_epoch == 0:
+        raise AfinarError(f"{len(lengths)} training examples cannot feed {world} processes "
+                          f"with batch_size {config.batch_size}", "lower batch_size")
+    steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
+    epochs = auto_epochs(len(lengths)) if config.epochs == "auto" else config.epochs
+    total_steps = epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    has_eval = bool(data.held)
+    eval_steps = config.eval_steps or max(1, math.ceil(total_steps / 10))
+    save_steps = config.save_steps or eval_steps
+    lr = config.resolved_learning_rate()
+
+    optimizer = _build_optimizer(model, config, lr)
+    scheduler = _build_scheduler(optimizer, config, total_steps)
+    # The scheduler is not given to accelerate: it would step it once per process.
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    trainable = [p for p in loss_model.parameters() if p.requires_grad]
+
+    state = ckpt.TrainState()
+    resumed_from = ckpt.latest_checkpoint(run) if resume else None
+    if resumed_from:
+        payload = ckpt.load_checkpoint(resumed_from)
+        adapters.load_trainable_state(model, payload["trainable"])
+        state = ckpt.restore(payload, optimizer, scheduler)
+        say(f"resumed from {resumed_from} (step {state.global_step}, epoch {state.epoch + 1})")
+    elif resume:
+        say(f"{run}: no checkpoint found; starting from the beginning", "warning")
+    metrics = _Metrics(run / rundir.METRICS_FILE, main, state.global_step if resume else None)
+    if main and not resume:
+        (run / rundir.METRICS_FILE).write_text("")
+
+    pad_id = tokenizer.pad_token_id
+    emit({"type": "start", "run_dir": str(run), "total_steps": total_steps, "epochs": epochs,
+          "steps_per_epoch": steps_per_epoch, "train_examples": len(data.train),
+          "held_out_examples": len(data.held), "trainable_params": n_trainable,
+          "total_params": n_total, "learning_rate": lr, "precision": precision,
+          "device": str(accelerator.device), "processes": world, "start_step": state.global_step,
+          "data_report": data.report})
+
+    def run_eval() -> dict | None:
+        if not has_eval:
+            return None
+        result = evaluate_loss(loss_model, data.held, config.batch_size, pad_id, accelerator)
+        result["step"] = state.global_step
+        metrics.write({"type": "eval", **result})
+        improved = state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss - 1e-4
+        if improved:
+            state.best_eval_loss, state.best_step = result["eval_loss"], state.global_step
+            state.evals_without_improvement = 0
+            if main:
+                _save_folder_atomic(accelerator.unwrap_model(loss_model).model,
+                                    ckpt.checkpoints_dir(run) / "best")
+        else:
+            state.evals_without_improvement += 1
+        state.history.append((state.global_step, last_train_loss, result["eval_loss"]))
+        _warn_overfitting(state.history, say)
+        emit({"type": "eval", **result, "best_eval_loss": state.best_eval_loss,
+              "best_step": state.best_step})
+        return result
+
+    # --- steps -----------------------------------------------------------------------------
+    last_train_loss = None
+    if state.global_step == 0 and has_eval:
+        run_eval()  # the base model's held-out loss: the number training must beat
+    run_start = time.perf_counter()
+    step_tokens = 0
+    start_step = state.global_step
+    done = state.global_step >= total_steps
+    while not done and state.epoch < epochs:
+        batches = plan_batches(lengths, config.batch_size, config.seed, state.epoch)
+        batches = batches[: micro_per_epoch * world][rank::world]
+        for step_idx in range(state.step_in_epoch, steps_per_epoch):
+            ga = config.gradient_accumulation_steps
+            group = [collate([data.train[i] for i in b], pad_id)
+                     for b in batches[step_idx * ga:(step_idx + 1) * ga]]
+            local = torch.tensor([sum(int((g["labels"][:, 1:] != IGNORE).sum()) for g in group)],
+                                 device=accelerator.device)
+            n_target = accelerator.reduce(local, "sum").item() if world > 1 else local.item()
+            sums = torch.zeros(2, dtype=torch.float64)
+            for k, batch in enumerate(group):
+                batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+                sync = (accelerator.no_sync(loss_model) if world > 1 and k < len(group) - 1
+                        else nullcontext())
+                with sync, accelerator.autocast():
+                    loss_sum, _, correct = loss_model(**batch)
+                    # Normalised by the target tokens of the whole accumulated batch on all
+                    # processes (DDP averages gradients, hence the * world).
+                    accelerator.backward(loss_sum * world / max(1, n_target))
+                sums += torch.tensor([loss_sum.item(), correct.item()], dtype=torch.float64)
+                step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = None
+            if config.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+            state.global_step += 1
+            state.step_in_epoch = step_idx + 1
+            last_train_loss = (sums[0] / max(1, n_target)).item()
+            elapsed = time.perf_counter() - run_start
+            state.tokens_seen += step_tokens * world
+            done_steps = state.global_step - start_step
+            record = {"type": "train", "step": state.global_step,
+                      "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
+                      "train_loss": last_train_loss,
+                      "train_token_accuracy": (sums[1] / max(1, n_target)).item(),
+                      "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": state.tokens_seen / max(1e-9, state.elapsed_s + elapsed),
+                      "elapsed_s": round(state.elapsed_s + elapsed, 3)}
+            metrics.write(record)
+            emit({**record, "type": "step", "total_steps": total_steps,
+                  "eta_s": elapsed / done_steps * (total_steps - state.global_step)})
+            step_tokens = 0
+
+            stop = state.global_step >= total_steps
+            if has_eval and (state.global_step % eval_steps == 0 or stop):
+                run_eval()
+                if (config.early_stopping_patience
+                        and state.evals_without_improvement >= config.early_stopping_patience):
+                    state.stopped_early = stop = True
+                    say(f"early stopping at step {state.global_step}: held-out loss has not "
+                        f"improved for {state.evals_without_improvement} evaluations (best "
+                        f"{state.best_eval_loss:.4f} at step {state.best_step})")
+            if main and (state.global_step % save_steps == 0 or stop):
+                state_elapsed = state.elapsed_s
+                state.elapsed_s += time.perf_counter() - run_start
+                ckpt.save_checkpoint(run, state, adapters.trainable_state(model), optimizer,
+                                     scheduler)
+                state.elapsed_s = state_elapsed
+            if stop:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    accelerator.wait_for_everyone()
+    state.elapsed_s += time.perf_counter() - run_start
+
+    # --- final weights: the best held-out checkpoint, else the last step --------------------
+    summary = {"steps": state.global_step, "epochs": epochs, "total_steps": total_steps,
+               "final_train_loss": last_train_loss, "best_eval_loss": state.best_eval_loss,
+               "best_step": state.best_step, "stopped_early": state.stopped_early,
+               "tokens_seen": state.tokens_seen,
+               "tokens_per_s": state.tokens_seen / max(1e-9, state.elapsed_s),
+               "train_seconds": round(state.elapsed_s, 2),
+               "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
+               "trainable_params": n_trainable, "precision": precision, "processes": world}
+    if main:
+        dest = run / (rundir.ADAPTER_DIR if config.method == "lora" else rundir.FULL_MODEL_DIR)
+        best = ckpt.checkpoints_dir(run) / "best"
+        if best.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=run))
+            shutil.copytree(best, tmp, dirs_exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        else:
+            _save_folder_atomic(accelerator.unwrap_model(loss_model).model, dest)
+        _write_run_info(run, config, "succeeded", summary=summary,
+                        weights=dest.name, finished_at=datetime.now(timezone.utc).isoformat(
+                            timespec="seconds"))
+    emit({"type": "end", "run_dir": str(run), **summary})
+    return TrainResult(run, summary)
+
+
+def _warn_overfitting(history: list, say) -> None:
+    """Held-out loss rising for two evaluations in a row while training loss falls."""
+    if len(history) < 3:
+        return
+    (_, t0, e0), (_, t1, e1), (step, t2, e2) = history[-3:]
+    if None in (t0, t1, t2):
+        return
+    if e2 > e1 > e0 and t2 < t1 < t0:
+        say(f"possible overfitting at step {step}: held-out loss rose ({e0:.3f} → {e2:.3f}) while "
+            f"training loss fell ({t0:.3f} → {t2:.3f}); the best checkpoint is kept", "warning")

@@ -1,0 +1,87 @@
+"""Resumable training state: what a checkpoint holds and how it is written atomically.
+
+A checkpoint restores weights (trainable tensors), optimizer, LR scheduler, every RNG and the
+data position (epoch and step within it), so a run killed with -9 and resumed ends exactly where
+an uninterrupted run would. Checkpoints are written to a temp folder and renamed into place;
+a folder named step-NNNNNN is therefore always complete.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from afinar import rundir
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already done in `epoch`
+    tokens_seen: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    elapsed_s: float = 0.0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # (step, train_loss, eval_loss) for diagnostics
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints_dir(run: Path) -> Path:
+    return run / rundir.CHECKPOINTS_DIR
+
+
+def save_checkpoint(run: Path, state: TrainState, trainable: dict, optimizer, scheduler,
+                    keep: int = 1) -> Path:
+    folder = checkpoints_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{state.global_step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    torch.save({"state": asdict(state), "trainable": trainable,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = sorted(p for p in checkpoints_dir(run).glob("step-*") if (p / "state.pt").is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def restore(payload: dict, optimizer, scheduler) -> TrainState:
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    _set_rng_state(payload["rng"])
+    return TrainState(**payload["state"])
