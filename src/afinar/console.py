@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, highlight=False)
@@ -90,15 +91,15 @@ def print_error(exc) -> None:
     report = getattr(exc, "report", None) if isinstance(exc, DataError) else None
     if report is not None:
         print_issues(report.issues)
-    console.print(f"[bold red]error:[/] {exc.message}")
+    console.print(f"[bold red]error:[/] {escape(exc.message)}")
     if exc.hint:
-        console.print(f"  [dim]hint: {exc.hint}[/]")
+        console.print(f"  [dim]hint: {escape(exc.hint)}[/]")
 
 
 def print_issues(issues, limit: int = 200) -> None:
     for issue in issues[:limit]:
         color = "red" if issue.severity == "error" else "yellow"
-        console.print(f"[{color}]{issue.severity}[/] {issue}", soft_wrap=True)
+        console.print(f"[{color}]{issue.severity}[/] {escape(str(issue))}", soft_wrap=True)
     if len(issues) > limit:
         console.print(f"... and {len(issues) - limit} more")
 

@@ -21,6 +21,13 @@ def _type_name(value) -> str:
             bool: "a boolean", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _is_json_array(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw.decode("utf-8")), list)
+    except (ValueError, RecursionError):
+        return False
+
+
 def read_jsonl(path: str | Path, issues: list[Issue]) -> list[tuple[int, dict]]:
     """Returns (line number, object) for every readable line; appends an Issue for every other."""
     path = Path(path)
@@ -39,7 +46,7 @@ def read_jsonl(path: str | Path, issues: list[Issue]) -> list[tuple[int, dict]]:
     if not raw.strip():
         issues.append(Issue(shown, 0, "", "the file is empty", "add one JSON example per line"))
         return []
-    if raw.lstrip().startswith(b"["):
+    if raw.lstrip().startswith(b"[") and _is_json_array(raw):
         issues.append(Issue(
             shown, 1, "", "the file is a JSON array, not JSON Lines",
             "write one object per line; e.g. `jq -c '.[]' data.json > data.jsonl`"))
@@ -65,6 +72,9 @@ def read_jsonl(path: str | Path, issues: list[Issue]) -> list[tuple[int, dict]]:
             continue
         except RecursionError:
             issues.append(Issue(shown, number, "", "invalid JSON: nested too deeply", _JSONL_HINT))
+            continue
+        except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+            issues.append(Issue(shown, number, "", f"invalid JSON: {exc}", _JSONL_HINT))
             continue
         if not isinstance(value, dict):
             issues.append(Issue(shown, number, "", f"expected a JSON object, got {_type_name(value)}",

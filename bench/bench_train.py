@@ -1,0 +1,464 @@
+"""Training benchmark: afinar's loop vs TRL's SFTTrainer on the same data, model and settings.
+
+    .venv/bin/python bench/bench_train.py [--steps 12] [--out bench/results/train.json]
+
+Needs the `bench` extra (trl==1.16.0, datasets==5.2.0) and the embedded SmolLM2-135M-Instruct
+(converted once by any `afinar` command, into ~/.cache/afinar/models/smollm2-135m-instruct).
+
+Both sides: LoRA r=16, alpha=32, dropout 0, all-linear; batch 4; lr 1e-3, cosine schedule with
+10% warmup; grad-norm clip 1.0; no weight decay; fp32 on CPU; seed 42; same number of optimizer
+steps; the same 135 examples with loss on assistant tokens only (incl. <|im_end|>); max length 512;
+no evaluation and no checkpointing in the timed steps (afinar: see README for its final save).
+
+Each side runs in its own subprocess (run order: afinar, then TRL), so peak RSS
+(getrusage(RUSAGE_SELF).ru_maxrss, in the child) is measured per side. Timed region: from the
+start of optimizer step 1 to the end of the last step (model load and data preparation excluded).
+Tokens are non-padding tokens (attention_mask sum) of the batches actually trained on.
+
+The numbers are for reading, never for test assertions: a 2-core machine shared with other jobs
+is noisy; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = Path.home() / ".cache" / "afinar" / "models" / "smollm2-135m-instruct"
+DEFAULT_DATA = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
+
+# The shared training settings (the soporte-triaje example's, minus its held-out evaluation).
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+BATCH_SIZE = 4
+LEARNING_RATE = 1e-3
+WARMUP_RATIO = 0.1
+MAX_LENGTH = 512
+SEED = 42
+MAX_GRAD_NORM = 1.0
+
+# SmolLM2-Instruct's chat template with `{% generation %}` markers around each assistant answer
+# and its <|im_end|> (not the "\n" after it, which is never generated). It renders exactly the same
+# text as the shipped template (checked at run time); TRL needs the markers for
+# assistant_only_loss and has no built-in training template for SmolLM2.
+SMOLLM2_TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --- helpers used by both children ---------------------------------------------------------------
+
+def _rss_mb() -> float:
+    """Current resident set size (VmRSS), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _warmup_steps(steps: int) -> int:
+    return int(round(WARMUP_RATIO * steps))  # as afinar computes it
+
+
+def _read_messages(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                rows.append({"messages": [{"role": m["role"], "content": m["content"]}
+                                          for m in record["messages"]]})
+    return rows
+
+
+# --- child: afinar -------------------------------------------------------------------------------
+
+def child_afinar(args) -> dict:
+    _set_threads(args.threads)
+    import torch
+
+    import afinar.train.loop as loop
+    from afinar.config import LoraSettings, TrainConfig
+
+    # Instrumentation only: count real and padded tokens of every collated training batch.
+    batches: list[tuple[int, int]] = []
+    original_collate = loop.collate
+
+    def counting_collate(items, pad_id):
+        batch = original_collate(items, pad_id)
+        batches.append((int(batch["attention_mask"].sum()), int(batch["input_ids"].numel()),
+                        int(batch["input_ids"].shape[1])))
+        return batch
+
+    loop.collate = counting_collate
+
+    marks: dict = {}
+    step_losses: list[float] = []
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "start":
+            marks.update(rss_at_start_mb=_rss_mb(), maxrss_at_start_mb=_maxrss_mb(),
+                         torch_threads=torch.get_num_threads(),
+                         train_examples=event["train_examples"],
+                         held_out_examples=event["held_out_examples"],
+                         trainable_params=event["trainable_params"],
+                         total_steps=event["total_steps"])
+        elif event["type"] == "step":
+            step_losses.append(event["train_loss"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-afinar-") as tmp:
+        config = TrainConfig(
+            data=str(args.data), model=str(args.model), output=str(Path(tmp) / "run"),
+            held_out_fraction=0.0,  # no held-out split: no evaluation at all, same 135 examples
+            method="lora", lora=LoraSettings(**LORA),
+            epochs=args.steps,  # enough epochs; max_steps decides
+            max_steps=args.steps, learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE,
+            gradient_accumulation_steps=1, warmup_ratio=WARMUP_RATIO, lr_scheduler="cosine",
+            weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, max_seq_length=MAX_LENGTH,
+            seed=SEED, eval_steps=args.steps + 1, save_steps=args.steps + 1,
+            early_stopping_patience=None, precision="fp32", device="cpu")
+        wall0 = time.perf_counter()
+        result = loop.train(config, on_event=on_event)
+        wall = time.perf_counter() - wall0
+        peak = _maxrss_mb()
+        summary = result.summary
+        records = [json.loads(line) for line in
+                   (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if r.get("type") == "train"]
+    steps_seconds = train_records[-1]["elapsed_s"]  # step 1 start -> end of last optimizer step
+    trained = batches[: summary["steps"]]
+    tokens = sum(b[0] for b in trained)
+    if tokens != summary["tokens_seen"]:
+        marks["token_count_mismatch"] = {"collate": tokens, "summary": summary["tokens_seen"]}
+    return {
+        "side": "afinar",
+        "steps": summary["steps"],
+        "steps_seconds": steps_seconds,
+        "tokens": tokens,
+        "padded_tokens": sum(b[1] for b in trained),
+        "max_batch_width": max(b[2] for b in trained),
+        "batches_real_padded_width": trained,
+        "tokens_per_s": tokens / steps_seconds,
+        "peak_rss_mb": peak,
+        "final_train_loss": summary["final_train_loss"],
+        "mean_train_loss": sum(step_losses) / len(step_losses),
+        "step_losses": step_losses,
+        "process_wall_s_train_call": wall,
+        "afinar_summary": {k: summary[k] for k in ("train_seconds", "tokens_seen", "tokens_per_s",
+                                                   "peak_memory_mb", "precision")},
+        **marks,
+    }
+
+
+# --- child: TRL ----------------------------------------------------------------------------------
+
+def child_trl(args) -> dict:
+    _set_threads(args.threads)
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = _read_messages(args.data)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    shipped = tokenizer.chat_template
+    for row in rows:  # the training template must render exactly what the shipped one renders
+        a = tokenizer.apply_chat_template(row["messages"], tokenize=False, chat_template=shipped)
+        b = tokenizer.apply_chat_template(row["messages"], tokenize=False,
+                                          chat_template=SMOLLM2_TRAINING_TEMPLATE)
+        if a != b:
+            raise SystemExit("training template renders differently from the shipped template")
+    tokenizer.chat_template = SMOLLM2_TRAINING_TEMPLATE
+
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules=LORA["target_modules"], bias="none",
+                             task_type="CAUSAL_LM")
+
+    marks: dict = {}
+    step_end_times: list[float] = []
+    log_records: list[dict] = []
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            if state.global_step == 0 and "t0" not in marks:
+                marks.update(t0=time.perf_counter(), rss_at_start_mb=_rss_mb(),
+                             maxrss_at_start_mb=_maxrss_mb(),
+                             torch_threads=torch.get_num_threads())
+
+        def on_step_end(self, targs, state, control, **kw):
+            step_end_times.append(time.perf_counter())
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                log_records.append({**logs, "step": state.global_step})
+
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+        sft_args = SFTConfig(
+            output_dir=tmp, use_cpu=True, bf16=False, fp16=False,
+            max_length=MAX_LENGTH, per_device_train_batch_size=BATCH_SIZE,
+            gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LEARNING_RATE,
+            lr_scheduler_type="cosine", warmup_steps=_warmup_steps(args.steps),
+            weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM,
+            assistant_only_loss=True, packing=False, padding_free=False,
+            gradient_checkpointing=False, activation_offloading=False,
+            logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+            disable_tqdm=True, seed=SEED, data_seed=SEED, dataloader_num_workers=0)
+        trainer = SFTTrainer(model=model, args=sft_args,
+                             train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[Timing()])
+
+        # Instrumentation only: count real and padded tokens of every collated batch. accelerate's
+        # dataloader collates one batch ahead, so only the first `steps` batches were trained on.
+        batches: list[tuple[int, int]] = []
+        collator = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collator(examples)
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+            batches.append((real, int(batch["input_ids"].numel()), int(batch["input_ids"].shape[1])))
+            return batch
+
+        trainer.data_collator = counting_collator
+        n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        wall0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - wall0
+        peak = _maxrss_mb()
+        steps = trainer.state.global_step
+        prepared = trainer.train_dataset
+
+    steps_seconds = step_end_times[-1] - marks.pop("t0")
+    trained = batches[:steps]
+    tokens = sum(b[0] for b in trained)
+    trl_tokens = log_records[-1].get("num_tokens") if log_records else None
+    step_losses = [entry["loss"] for entry in log_records]
+
+    # After the peak was recorded: are TRL's labels the same as afinar's, example by example?
+    same = _compare_masks(args, prepared)
+    return {
+        "side": "trl",
+        "steps": steps,
+        "steps_seconds": steps_seconds,
+        "tokens": tokens,
+        "trl_logged_num_tokens": trl_tokens,
+        "padded_tokens": sum(b[1] for b in trained),
+        "max_batch_width": max(b[2] for b in trained),
+        "batches_real_padded_width": trained,
+        "tokens_per_s": tokens / steps_seconds,
+        "peak_rss_mb": peak,
+        "final_train_loss": step_losses[-1] if step_losses else None,
+        "mean_train_loss": sum(step_losses) / len(step_losses) if step_losses else None,
+        "step_losses": step_losses,
+        "process_wall_s_train_call": wall,
+        "trainable_params": n_trainable,
+        "train_examples": len(rows),
+        "labels_identical_to_afinar": same,
+        **marks,
+    }
+
+
+def _compare_masks(args, prepared) -> dict:
+    """Compares TRL's tokenized (input_ids, labels) with afinar's ChatEncoder output."""
+    from transformers import AutoTokenizer
+
+    from afinar.data.tokenize import ChatEncoder
+    from afinar.data.validate import load_examples
+    from afinar.models.load import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer))
+    examples = load_examples(args.data).examples
+    cols = prepared.column_names
+    if "labels" not in cols:
+        return {"checked": 0, "note": f"no labels column in TRL's dataset ({cols})"}
+    ids_same = labels_same = 0
+    for example, row in zip(examples, prepared):
+        ours = encoder.encode(example)
+        ids_same += ours.input_ids == list(row["input_ids"])
+        labels_same += ours.labels == list(row["labels"])
+    return {"checked": len(examples), "input_ids_identical": ids_same,
+            "labels_identical": labels_same}
+
+
+# --- parent --------------------------------------------------------------------------------------
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _run_child(side: str, args, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with tempfile.NamedTemporaryFile(prefix=f"bench-{side}-", suffix=".json",
+                                     delete=False) as handle:
+        out = Path(handle.name)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side,
+           "--child-out", str(out), "--steps", str(args.steps), "--threads", str(threads),
+           "--model", str(args.model), "--data", str(args.data)]
+    load_before = _loadavg()
+    print(f"[{side}] running {args.steps} steps ({threads} threads)...", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"[{side}] child failed with exit code {proc.returncode}")
+    result = json.loads(out.read_text())
+    out.unlink(missing_ok=True)
+    result["process_seconds"] = round(elapsed, 2)
+    result["loadavg_before"] = load_before
+    result["loadavg_after"] = _loadavg()
+    print(f"[{side}] done in {elapsed:.1f}s", flush=True)
+    return result
+
+
+def _table(a: dict, b: dict, ratios: dict) -> str:
+    rows = [
+        ("optimizer steps", "steps", "{:d}"),
+        ("timed steps (s)", "steps_seconds", "{:.2f}"),
+        ("tokens (non-pad)", "tokens", "{:d}"),
+        ("padded tokens", "padded_tokens", "{:d}"),
+        ("longest sequence", "max_batch_width", "{:d}"),
+        ("tokens/s", "tokens_per_s", "{:.1f}"),
+        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+        ("RSS at step 1 (MB)", "rss_at_start_mb", "{:.0f}"),
+        ("final train loss", "final_train_loss", "{:.4f}"),
+        ("mean train loss", "mean_train_loss", "{:.4f}"),
+        ("torch threads", "torch_threads", "{:d}"),
+        ("child process (s)", "process_seconds", "{:.1f}"),
+    ]
+    lines = [f"{'':22}{'afinar':>12}{'TRL':>12}{'afinar/TRL':>12}"]
+    ratio_for = {"tokens_per_s": ratios["tokens_per_s"], "peak_rss_mb": ratios["peak_rss_mb"],
+                 "steps_seconds": ratios["steps_seconds"]}
+    for label, key, fmt in rows:
+        cells = []
+        for side in (a, b):
+            value = side.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        ratio = ratio_for.get(key)
+        lines.append(f"{label:22}{cells[0]:>12}{cells[1]:>12}"
+                     f"{('' if ratio is None else f'{ratio:.2f}x'):>12}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per side")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OMP threads for both sides (default: torch's default)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--child", choices=["afinar", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        result = (child_afinar if args.child == "afinar" else child_trl)(args)
+        args.child_out.write_text(json.dumps(result))
+        return 0
+
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"{args.model}: no converted model; run any `afinar` command once "
+                         "(e.g. `afinar validate examples/soporte-triaje/data.jsonl`) or pass --model")
+    threads = args.threads
+    if threads is None:
+        import torch  # only to read its default; the children set it explicitly
+
+        threads = torch.get_num_threads()
+
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "afinar"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+
+    order = ["afinar", "trl"]
+    results = {side: _run_child(side, args, threads) for side in order}
+    a, b = results["afinar"], results["trl"]
+    ratios = {
+        "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+        "peak_rss_mb": a["peak_rss_mb"] / b["peak_rss_mb"],
+        "steps_seconds": a["steps_seconds"] / b["steps_seconds"],
+    }
+    print()
+    print(_table(a, b, ratios))
+    print()
+    print(f"tokens/s ratio afinar/TRL: {ratios['tokens_per_s']:.2f} (>1: afinar faster)")
+    print(f"peak-RSS ratio afinar/TRL: {ratios['peak_rss_mb']:.2f} (<1: afinar smaller)")
+    labels = b.get("labels_identical_to_afinar", {})
+    if labels.get("checked"):
+        print(f"label masks identical to afinar's: {labels['labels_identical']}/{labels['checked']} "
+              f"examples (input ids: {labels['input_ids_identical']}/{labels['checked']})")
+    print(f"run order: {' then '.join(order)}; load average before/after each: "
+          + "; ".join(f"{s} {results[s]['loadavg_before']} -> {results[s]['loadavg_after']}"
+                      for s in order))
+    print("noisy on a shared 2-core machine: compare ratios across repeated runs, not one run.")
+
+    report = {
+        "benchmark": "train", "steps": args.steps, "threads": threads, "run_order": order,
+        "settings": {"lora": LORA, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
+                     "lr_scheduler": "cosine", "warmup_steps": _warmup_steps(args.steps),
+                     "max_length": MAX_LENGTH, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
+                     "precision": "fp32", "device": "cpu", "loss": "assistant tokens only"},
+        "model": str(args.model), "data": str(args.data),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "loadavg_end": _loadavg()},
+        "versions": versions,
+        "results": results,
+        "ratios_afinar_over_trl": ratios,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

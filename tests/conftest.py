@@ -1,0 +1,98 @@
+"""Shared fixtures. Nothing here downloads anything.
+
+`tiny_model_dir`: a random 2-layer LlamaForCausalLM with a BPE tokenizer trained here on a small
+corpus and a ChatML template (pad == eos on purpose, like SmolLM2), saved as an HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
+
+# The embedded model's converted copy is cached here across local runs (CI converts it once).
+os.environ.setdefault("AFINAR_HOME", str(ROOT / ".afinar-test-home"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for raw in BUNDLED.read_text(encoding="utf-8").splitlines():
+        for m in json.loads(raw)["messages"]:
+            lines.append(m["content"])
+    return lines + ["hello world", "the quick brown fox", "system user assistant"]
+
+
+def build_tokenizer(template: str = CHATML, bos: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", bos_token=bos)
+    fast.chat_template = template
+    return fast
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_chat_file(tmp_path) -> Path:
+    """40 short conversations teaching one fixed answer format; learnable by a tiny model."""
+    records = []
+    for i in range(40):
+        records.append({"messages": [
+            {"role": "user", "content": f"pedido {i} llegó roto"},
+            {"role": "assistant", "content": f"Categoría: envío\nPrioridad: alta\nRespuesta: {i}"},
+        ]})
+    return write_jsonl(tmp_path / "small.jsonl", records)
