@@ -9,7 +9,7 @@ taught format exactly. Ordinary held-out prompts are checked for format leaking 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from afinar.config import load_train_config
 from afinar.data.split import split_examples
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError
+from afinar.rundir import write_json_atomic
 from afinar.infer.generate import GenerationSettings, load
 from afinar.train.loop import train
 
@@ -86,9 +87,12 @@ def run_demo(output: str | None = None, on_event: Callable | None = None,
     tri_tuned = [r.tuned for r in rows if r.is_triage]
     other_base = [r.base for r in rows if not r.is_triage]
     other_tuned = [r.tuned for r in rows if not r.is_triage]
-    return DemoResult(
+    demo = DemoResult(
         result.run_dir, result.summary, rows,
         base_adherence=_share(tri_base, fmt, full=True),
         tuned_adherence=_share(tri_tuned, fmt, full=True),
         base_leak=_share(other_base, leak, full=False),
         tuned_leak=_share(other_tuned, leak, full=False))
+    record = {k: v for k, v in asdict(demo).items() if k != "run_dir"}
+    write_json_atomic(Path(result.run_dir) / "demo.json", record)
+    return demo
