@@ -172,6 +172,7 @@ def child_afinar(args) -> dict:
         "max_batch_width": max(b[2] for b in trained),
         "batches_real_padded_width": trained,
         "tokens_per_s": tokens / steps_seconds,
+        "padded_tokens_per_s": sum(b[1] for b in trained) / steps_seconds,
         "peak_rss_mb": peak,
         "final_train_loss": summary["final_train_loss"],
         "mean_train_loss": sum(step_losses) / len(step_losses),
@@ -284,6 +285,7 @@ def child_trl(args) -> dict:
         "max_batch_width": max(b[2] for b in trained),
         "batches_real_padded_width": trained,
         "tokens_per_s": tokens / steps_seconds,
+        "padded_tokens_per_s": sum(b[1] for b in trained) / steps_seconds,
         "peak_rss_mb": peak,
         "final_train_loss": step_losses[-1] if step_losses else None,
         "mean_train_loss": sum(step_losses) / len(step_losses) if step_losses else None,
@@ -363,6 +365,7 @@ def _table(a: dict, b: dict, ratios: dict) -> str:
         ("padded tokens", "padded_tokens", "{:d}"),
         ("longest sequence", "max_batch_width", "{:d}"),
         ("tokens/s", "tokens_per_s", "{:.1f}"),
+        ("padded tokens/s", "padded_tokens_per_s", "{:.1f}"),
         ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
         ("RSS at step 1 (MB)", "rss_at_start_mb", "{:.0f}"),
         ("final train loss", "final_train_loss", "{:.4f}"),
@@ -371,8 +374,7 @@ def _table(a: dict, b: dict, ratios: dict) -> str:
         ("child process (s)", "process_seconds", "{:.1f}"),
     ]
     lines = [f"{'':22}{'afinar':>12}{'TRL':>12}{'afinar/TRL':>12}"]
-    ratio_for = {"tokens_per_s": ratios["tokens_per_s"], "peak_rss_mb": ratios["peak_rss_mb"],
-                 "steps_seconds": ratios["steps_seconds"]}
+    ratio_for = dict(ratios)
     for label, key, fmt in rows:
         cells = []
         for side in (a, b):
@@ -426,12 +428,15 @@ def main(argv=None) -> int:
         "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
         "peak_rss_mb": a["peak_rss_mb"] / b["peak_rss_mb"],
         "steps_seconds": a["steps_seconds"] / b["steps_seconds"],
+        "padded_tokens_per_s": a["padded_tokens_per_s"] / b["padded_tokens_per_s"],
     }
     print()
     print(_table(a, b, ratios))
     print()
     print(f"tokens/s ratio afinar/TRL: {ratios['tokens_per_s']:.2f} (>1: afinar faster)")
     print(f"peak-RSS ratio afinar/TRL: {ratios['peak_rss_mb']:.2f} (<1: afinar smaller)")
+    print(f"padded-tokens/s ratio afinar/TRL: {ratios['padded_tokens_per_s']:.2f} (compute speed "
+          "per position; tokens/s also credits afinar's length-grouped batches for less padding)")
     labels = b.get("labels_identical_to_afinar", {})
     if labels.get("checked"):
         print(f"label masks identical to afinar's: {labels['labels_identical']}/{labels['checked']} "

@@ -149,7 +149,8 @@ def train(
         cfg = load_train_config(config, set_, **values)
     progress = TrainProgress()
     result = run_training(cfg, on_event=progress, resume=resume is not None)
-    _print_summary(result.run_dir, result.summary)
+    if result.is_main_process:
+        _print_summary(result.run_dir, result.summary)
 
 
 def _int(value: str, name: str) -> int:

@@ -45,6 +45,7 @@ Event = Callable[[dict], None]
 class TrainResult:
     run_dir: Path
     summary: dict
+    is_main_process: bool = True  # False on the other ranks of a multi-process run
 
 
 def _default_output(config: TrainConfig) -> Path:
@@ -156,6 +157,8 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
     accelerator = Accelerator(cpu=device.type == "cpu",
                               mixed_precision={"fp32": "no"}.get(precision, precision))
     main = accelerator.is_main_process
+    if not main:  # one voice per run: only rank 0 reports progress
+        emit = say = lambda *args, **kwargs: None
     set_seed(config.seed)
 
     resolved = resolve_model(config.model, notify=say)
@@ -349,7 +352,7 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
                         weights=dest.name, finished_at=datetime.now(timezone.utc).isoformat(
                             timespec="seconds"))
     emit({"type": "end", "run_dir": str(run), **summary})
-    return TrainResult(run, summary)
+    return TrainResult(run, summary, main)
 
 
 def _warn_overfitting(history: list, say) -> None:
