@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from afinar.data.cache import cached_encode
 from afinar.data.example import Example
 from afinar.data.split import split_examples
 from afinar.data.stats import duplicates_and_contradictions, token_stats
@@ -33,6 +34,10 @@ def check_usable(report: ValidationReport) -> None:
 
 def encode_all(examples: list[Example], encoder: ChatEncoder) -> list[Tokenized]:
     return [encoder.encode(ex, i) for i, ex in enumerate(examples)]
+
+
+def _reindex(item: Tokenized, index: int) -> Tokenized:
+    return Tokenized(item.input_ids, item.labels, index, item.truncated)
 
 
 def _fit_all(items: list[Tokenized], max_len: int, overflow: str) -> list[Tokenized]:
@@ -63,9 +68,19 @@ def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
         train_ex, held_ex = split_examples(report.examples, config.held_out_fraction, config.seed)
         how = f"seeded split (seed {config.seed}, {config.held_out_fraction:.0%} held out)"
 
-    train_full = encode_all(train_ex, encoder)
-    held_full = encode_all(held_ex, encoder)
+    # Encode each file once (cached across runs), then split by position: the split is cheap.
+    encoded, hit = cached_encode(config.data, config.format, encoder,
+                                 lambda: encode_all(report.examples, encoder))
+    by_line = {ex.line: item for ex, item in zip(report.examples, encoded)}
+    if config.validation_data:
+        held_encoded, _ = cached_encode(config.validation_data, config.format, encoder,
+                                        lambda: encode_all(held_ex, encoder))
+    else:
+        held_encoded = [by_line[ex.line] for ex in held_ex]
+    train_full = [_reindex(by_line[ex.line], i) for i, ex in enumerate(train_ex)]
+    held_full = [_reindex(item, i) for i, item in enumerate(held_encoded)]
     summary = describe_data(report, train_full + held_full, config.max_seq_length, config.overflow)
+    summary["tokenization_cache"] = "hit" if hit else "miss"
     train = _fit_all(train_full, config.max_seq_length, config.overflow)
     held = _fit_all(held_full, config.max_seq_length, config.overflow)
     summary["split"] = {"method": how, "train": len(train_ex), "held_out": len(held_ex),
