@@ -137,7 +137,25 @@ def _write_run_info(run: Path, config: TrainConfig, status: str, **extra) -> Non
 
 def train(config: TrainConfig, on_event: Event | None = None, resume: bool = False
           ) -> TrainResult:
-    """Fine-tunes `config.model` on `config.data`; returns the run directory and a summary."""
+    """Fine-tunes `config.model` on `config.data`; returns the run directory and a summary.
+
+    A run that fails or is interrupted records that in run.json (status failed/interrupted), so
+    nothing half-trained looks finished; `resume=True` continues from its last checkpoint.
+    """
+    started = {}
+    try:
+        return _train(config, on_event, resume, started)
+    except BaseException as exc:
+        run = started.get("run")
+        if run is not None and (run / rundir.RUN_FILE).is_file():
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            _write_run_info(run, started["config"], status,
+                            error=f"{exc.__class__.__name__}: {exc}"[:2000])
+        raise
+
+
+def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: dict
+           ) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -171,6 +189,7 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
 
     if main:
         run.mkdir(parents=True, exist_ok=True)
+        started.update(run=run, config=config)
         (run / rundir.CONFIG_FILE).write_text(dump_config(config))
         rundir.write_json_atomic(run / rundir.DATA_REPORT, data.report)
         tokenizer.save_pretrained(run / rundir.TOKENIZER_DIR)
@@ -266,6 +285,7 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
             local = torch.tensor([sum(int((g["labels"][:, 1:] != IGNORE).sum()) for g in group)],
                                  device=accelerator.device)
             n_target = accelerator.reduce(local, "sum").item() if world > 1 else local.item()
+            step_started = time.perf_counter()
             sums = torch.zeros(2, dtype=torch.float64)
             for k, batch in enumerate(group):
                 batch = {key: v.to(accelerator.device) for key, v in batch.items()}
@@ -286,6 +306,7 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+            state.step_seconds += time.perf_counter() - step_started
             state.global_step += 1
             state.step_in_epoch = step_idx + 1
             last_train_loss = (sums[0] / max(1, n_target)).item()
@@ -297,7 +318,7 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
                       "train_loss": last_train_loss,
                       "train_token_accuracy": (sums[1] / max(1, n_target)).item(),
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_s": state.tokens_seen / max(1e-9, state.elapsed_s + elapsed),
+                      "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
                       "elapsed_s": round(state.elapsed_s + elapsed, 3)}
             metrics.write(record)
             emit({**record, "type": "step", "total_steps": total_steps,
@@ -333,7 +354,9 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
                "final_train_loss": last_train_loss, "best_eval_loss": state.best_eval_loss,
                "best_step": state.best_step, "stopped_early": state.stopped_early,
                "tokens_seen": state.tokens_seen,
-               "tokens_per_s": state.tokens_seen / max(1e-9, state.elapsed_s),
+               # tokens/s counts forward+backward+optimizer time only (not evaluation or
+               # checkpoint writing); train_seconds is the wall time of the whole loop.
+               "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
                "train_seconds": round(state.elapsed_s, 2),
                "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
                "trainable_params": n_trainable, "precision": precision, "processes": world}

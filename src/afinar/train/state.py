@@ -30,6 +30,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
+    step_seconds: float = 0.0  # time inside optimizer steps only: the basis of tokens/s
     stopped_early: bool = False
     history: list = field(default_factory=list)  # (step, train_loss, eval_loss) for diagnostics
 
