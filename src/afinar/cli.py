@@ -135,12 +135,7 @@ def train(
         cfg_file = resume / rundir.CONFIG_FILE
         if not cfg_file.is_file():
             raise AfinarError(f"{resume}: not a run directory (no {rundir.CONFIG_FILE})")
-        cfg = load_train_config(cfg_file, set_)
-        # paths in a saved config are already resolved; do not re-anchor them to the run folder
-        from afinar.config import TrainConfig, build_config, parse_overrides, read_yaml, _merge
-
-        cfg = build_config(TrainConfig, _merge(read_yaml(cfg_file), parse_overrides(set_)),
-                           str(cfg_file))
+        cfg = load_train_config(cfg_file, set_, anchor_paths=False)
         cfg = cfg.model_copy(update={"output": str(resume)})
     else:
         values = {"data": data, "model": model, "output": output,

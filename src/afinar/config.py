@@ -176,10 +176,13 @@ def build_config(model: type[BaseModel], values: dict, source: str):
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                      **values) -> TrainConfig:
-    """File values, then keyword values (e.g. from CLI options), then `--set` overrides win."""
+                      anchor_paths: bool = True, **values) -> TrainConfig:
+    """File values, then keyword values (e.g. from CLI options), then `--set` overrides win.
+
+    anchor_paths=False reads a run's saved config.yaml, whose paths are already resolved.
+    """
     data = read_yaml(path) if path else {}
-    base_dir = Path(path).parent if path else None
+    base_dir = Path(path).parent if path and anchor_paths else None
     if base_dir is not None:
         # Paths in a config file are relative to the file, so examples run from anywhere.
         for key in ("data", "validation_data"):

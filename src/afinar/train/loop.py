@@ -34,7 +34,7 @@ from afinar.errors import AfinarError
 from afinar.models import adapters
 from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
                                 stop_token_ids)
-from afinar.models.registry import resolve_model
+from afinar.models.registry import BASE_MODELS, resolve_model
 from afinar.train import state as ckpt
 from afinar.train.losses import SupervisedLoss
 
@@ -169,7 +169,11 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     if not resume and run.exists() and any(run.iterdir()):
         raise AfinarError(f"{run}: run directory exists and is not empty",
                           f"resume it with `afinar train --resume {run}`, or pick --output")
-    config = config.model_copy(update={"output": str(run)})
+    # Absolute paths in the saved config: `--resume` and `afinar chat RUN` work from any folder.
+    local = {k: str(Path(v).resolve()) for k, v in (("data", config.data),
+             ("validation_data", config.validation_data), ("model", config.model))
+             if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
+    config = config.model_copy(update={"output": str(run), **local})
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu",
