@@ -151,6 +151,9 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             _write_run_info(run, started["config"], status,
                             error=f"{exc.__class__.__name__}: {exc}"[:2000])
+            if on_event and (run / rundir.CHECKPOINTS_DIR).is_dir():
+                on_event({"type": "log", "level": "warning", "message":
+                          f"run {status}; continue it with: afinar train --resume {run}"})
         raise
 
 
