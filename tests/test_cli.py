@@ -72,3 +72,10 @@ def test_bad_data_stops_training_with_located_issues(tmp_path, tiny_model_dir):
     assert f"{bad}:5: messages[0].role: unknown role 'robot'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_validate_reports_the_split(small_chat_file):
+    result = runner.invoke(app, ["validate", str(small_chat_file), "--no-tokens", "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert report["stats"]["split"]["train"] == 32 and report["stats"]["split"]["held_out"] == 8

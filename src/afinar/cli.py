@@ -64,6 +64,8 @@ def validate(
     format: Optional[str] = typer.Option(None, help="Force a format instead of detecting it."),
     max_seq_length: int = typer.Option(1024, help="Report examples longer than this."),
     tokens: bool = typer.Option(True, help="Compute token statistics (loads the tokenizer)."),
+    held_out_fraction: float = typer.Option(0.2, help="Share held out by `afinar train`."),
+    seed: int = typer.Option(42, help="Seed of the train/held-out split."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Check a data file: every problem as PATH:LINE: field: message, then a report."""
@@ -81,6 +83,12 @@ def validate(
         tokenizer = load_tokenizer(resolved.tokenizer_source)
         encoded = encode_all(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)))
         describe_data(report, encoded, max_seq_length, "truncate")
+    if report.examples:
+        from afinar.data.split import split_examples
+
+        train_part, held_part = split_examples(report.examples, held_out_fraction, seed)
+        report.stats["split"] = {"method": f"seeded split (seed {seed}, {held_out_fraction:.0%} "
+                                 "held out)", "train": len(train_part), "held_out": len(held_part)}
     if as_json:
         out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
@@ -101,6 +109,9 @@ def _print_data_report(report) -> None:
                   f"({s['supervised_share']:.0%})")
         out.print(f"  longer than {s['max_seq_length']} tokens: {s['over_max_seq_length']} "
                   f"(will be {s['over_max_action']})")
+    if "split" in s:
+        out.print(f"  train / held out: {s['split']['train']} / {s['split']['held_out']} "
+                  f"({s['split']['method']}; `afinar train --validation-data` uses a file instead)")
     if "duplicate_groups" in s:
         out.print(f"  exact duplicates: {len(s['duplicate_groups'])} group(s)"
                   + (f", lines {s['duplicate_groups'][:5]}" if s["duplicate_groups"] else ""))
