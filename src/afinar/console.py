@@ -5,8 +5,6 @@ Only the CLI imports this; the library reports through plain event dicts.
 
 from __future__ import annotations
 
-import sys
-
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -102,7 +100,3 @@ def print_issues(issues, limit: int = 200) -> None:
         console.print(f"[{color}]{issue.severity}[/] {escape(str(issue))}", soft_wrap=True)
     if len(issues) > limit:
         console.print(f"... and {len(issues) - limit} more")
-
-
-def is_interactive() -> bool:
-    return sys.stdin.isatty()

@@ -45,9 +45,3 @@ class Example:
             if m.role == "assistant":
                 return m.content
         return None
-
-    def to_openai(self) -> dict:
-        """The example as an OpenAI chat-format record (what `generate` reads and writes)."""
-        if not self.is_chat:
-            return {"text": self.text}
-        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}

@@ -9,6 +9,7 @@ trained with: the prompt at inference is the prompt the model learned on.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -142,8 +143,6 @@ def generate_file(model: LoadedModel, input_path: str, output_path: str,
             on_progress(done, len(prompts))
 
     answers = model.generate(prompts, settings, batch_size, progress)
-    import json
-
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)

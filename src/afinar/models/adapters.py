@@ -33,11 +33,6 @@ def load_trainable_state(model, state: dict) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def save_weights(model, folder: Path, method: str) -> None:
-    """peft adapter folder for LoRA/DoRA; a full safetensors model for full fine-tuning."""
-    model.save_pretrained(folder, safe_serialization=True)
-
-
 def load_adapter(model, folder: Path, merge: bool = True):
     from peft import PeftModel
 

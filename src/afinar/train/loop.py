@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import tempfile
@@ -183,7 +182,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                               mixed_precision={"fp32": "no"}.get(precision, precision))
     main = accelerator.is_main_process
     if not main:  # one voice per run: only rank 0 reports progress
-        emit = say = lambda *args, **kwargs: None
+        emit = lambda event: None  # noqa: E731 (say() calls emit, so it goes quiet too)
     set_seed(config.seed)
 
     resolved = resolve_model(config.model, notify=say)
