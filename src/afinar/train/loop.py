@@ -77,6 +77,14 @@ def _build_scheduler(optimizer, config: TrainConfig, total_steps: int):
                          num_training_steps=total_steps)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a kill mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class _Metrics:
     """metrics.jsonl writer; on resume, drops lines logged after the checkpoint."""
 
@@ -84,7 +92,7 @@ class _Metrics:
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+                    if _step_of(line) is not None and _step_of(line) <= keep_until_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
