@@ -105,6 +105,29 @@ def _read_messages(path: Path) -> list[dict]:
 
 # --- child: afinar -------------------------------------------------------------------------------
 
+def _side_result(side: str, steps: int, steps_seconds: float, trained: list, peak: float,
+                 step_losses: list, wall: float) -> dict:
+    """The fields both sides report; `trained` holds (real, padded, width) per timed batch."""
+    tokens = sum(b[0] for b in trained)
+    padded = sum(b[1] for b in trained)
+    return {
+        "side": side,
+        "steps": steps,
+        "steps_seconds": steps_seconds,
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "max_batch_width": max(b[2] for b in trained),
+        "batches_real_padded_width": trained,
+        "tokens_per_s": tokens / steps_seconds,
+        "padded_tokens_per_s": padded / steps_seconds,
+        "peak_rss_mb": peak,
+        "final_train_loss": step_losses[-1] if step_losses else None,
+        "mean_train_loss": sum(step_losses) / len(step_losses) if step_losses else None,
+        "step_losses": step_losses,
+        "process_wall_s_train_call": wall,
+    }
+
+
 def child_afinar(args) -> dict:
     _set_threads(args.threads)
     import torch
@@ -163,20 +186,8 @@ def child_afinar(args) -> dict:
     if tokens != summary["tokens_seen"]:
         marks["token_count_mismatch"] = {"collate": tokens, "summary": summary["tokens_seen"]}
     return {
-        "side": "afinar",
-        "steps": summary["steps"],
-        "steps_seconds": steps_seconds,
-        "tokens": tokens,
-        "padded_tokens": sum(b[1] for b in trained),
-        "max_batch_width": max(b[2] for b in trained),
-        "batches_real_padded_width": trained,
-        "tokens_per_s": tokens / steps_seconds,
-        "padded_tokens_per_s": sum(b[1] for b in trained) / steps_seconds,
-        "peak_rss_mb": peak,
+        **_side_result("afinar", summary["steps"], steps_seconds, trained, peak, step_losses, wall),
         "final_train_loss": summary["final_train_loss"],
-        "mean_train_loss": sum(step_losses) / len(step_losses),
-        "step_losses": step_losses,
-        "process_wall_s_train_call": wall,
         "afinar_summary": {k: summary[k] for k in ("train_seconds", "tokens_seen", "tokens_per_s",
                                                    "peak_memory_mb", "precision")},
         **marks,
@@ -268,28 +279,14 @@ def child_trl(args) -> dict:
 
     steps_seconds = step_end_times[-1] - marks.pop("t0")
     trained = batches[:steps]
-    tokens = sum(b[0] for b in trained)
     trl_tokens = log_records[-1].get("num_tokens") if log_records else None
     step_losses = [entry["loss"] for entry in log_records]
 
     # After the peak was recorded: are TRL's labels the same as afinar's, example by example?
     same = _compare_masks(args, prepared)
     return {
-        "side": "trl",
-        "steps": steps,
-        "steps_seconds": steps_seconds,
-        "tokens": tokens,
+        **_side_result("trl", steps, steps_seconds, trained, peak, step_losses, wall),
         "trl_logged_num_tokens": trl_tokens,
-        "padded_tokens": sum(b[1] for b in trained),
-        "max_batch_width": max(b[2] for b in trained),
-        "batches_real_padded_width": trained,
-        "tokens_per_s": tokens / steps_seconds,
-        "padded_tokens_per_s": sum(b[1] for b in trained) / steps_seconds,
-        "peak_rss_mb": peak,
-        "final_train_loss": step_losses[-1] if step_losses else None,
-        "mean_train_loss": sum(step_losses) / len(step_losses) if step_losses else None,
-        "step_losses": step_losses,
-        "process_wall_s_train_call": wall,
         "trainable_params": n_trainable,
         "train_examples": len(rows),
         "labels_identical_to_afinar": same,
