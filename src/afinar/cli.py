@@ -84,11 +84,9 @@ def validate(
         encoded = encode_all(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)))
         describe_data(report, encoded, max_seq_length, "truncate")
     if report.examples:
-        from afinar.data.split import split_examples
+        from afinar.data.split import split_report
 
-        train_part, held_part = split_examples(report.examples, held_out_fraction, seed)
-        report.stats["split"] = {"method": f"seeded split (seed {seed}, {held_out_fraction:.0%} "
-                                 "held out)", "train": len(train_part), "held_out": len(held_part)}
+        report.stats["split"] = split_report(report.examples, held_out_fraction, seed)
     if as_json:
         out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from afinar.data.cache import cached_encode
 from afinar.data.example import Example
-from afinar.data.split import split_examples
+from afinar.data.split import split_examples, split_method
 from afinar.data.stats import duplicates_and_contradictions, token_stats
 from afinar.data.tokenize import ChatEncoder, Tokenized, fit_length
 from afinar.data.validate import ValidationReport, load_examples
@@ -66,7 +66,7 @@ def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
         how = f"validation file {config.validation_data}"
     else:
         train_ex, held_ex = split_examples(report.examples, config.held_out_fraction, config.seed)
-        how = f"seeded split (seed {config.seed}, {config.held_out_fraction:.0%} held out)"
+        how = split_method(config.held_out_fraction, config.seed)
 
     # Encode each file once (cached across runs), then split by position: the split is cheap.
     encoded, hit = cached_encode(config.data, config.format, encoder,

@@ -28,3 +28,14 @@ def split_examples(examples: list[Example], fraction: float, seed: int
     if not train:  # pathological: everything identical
         train, held = held[:-1], held[-1:]
     return train, held
+
+
+def split_method(fraction: float, seed: int) -> str:
+    """How `split_examples` divided the data, in words for reports."""
+    return f"seeded split (seed {seed}, {fraction:.0%} held out)"
+
+
+def split_report(examples: list[Example], fraction: float, seed: int) -> dict:
+    """What `afinar train` will hold out, for `afinar validate`'s report."""
+    train, held = split_examples(examples, fraction, seed)
+    return {"method": split_method(fraction, seed), "train": len(train), "held_out": len(held)}

@@ -92,7 +92,7 @@ class _Metrics:
         self.path, self.enabled = path, enabled
         if enabled and keep_until_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= keep_until_step]
+                    if (step := _step_of(line)) is not None and step <= keep_until_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -180,10 +180,10 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         raise AfinarError(f"{run}: run directory exists and is not empty",
                           f"resume it with `afinar train --resume {run}`, or pick --output")
     # Absolute paths in the saved config: `--resume` and `afinar chat RUN` work from any folder.
-    local = {k: str(Path(v).resolve()) for k, v in (("data", config.data),
-             ("validation_data", config.validation_data), ("model", config.model))
-             if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
-    config = config.model_copy(update={"output": str(run), **local})
+    absolute = {k: str(Path(v).resolve()) for k, v in (("data", config.data),
+                ("validation_data", config.validation_data), ("model", config.model))
+                if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
+    config = config.model_copy(update={"output": str(run), **absolute})
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu",
