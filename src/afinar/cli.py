@@ -15,12 +15,15 @@ from typing import List, Optional
 
 import typer
 
+from afinar.cli_models import models_app
 from afinar.console import TrainProgress, console, out, print_error, print_issues
 from afinar.errors import AfinarError
 from afinar.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune open LLMs from a JSONL file: validate, train, chat, generate.")
+                  help="Fine-tune open LLMs from a JSONL file: validate, train, evaluate, keep "
+                  "versions, chat, generate.")
+app.add_typer(models_app, name="models")
 
 
 def _quiet_libraries() -> None:
@@ -131,8 +134,12 @@ def train(
     validation_data: Optional[str] = typer.Option(None, help="Held-out file instead of a split."),
     epochs: Optional[str] = typer.Option(None, help="Epochs, or auto."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory."),
+    checks: Optional[str] = typer.Option(None, help="Checks file (YAML) for the final "
+                                         "evaluation: format regexes, JSON schemas, topics."),
+    evaluate: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="Evaluate base vs "
+                                            "tuned on the held-out data at the end (default on)."),
 ):
-    """Fine-tune a model (LoRA by default) and write a run directory."""
+    """Fine-tune a model (LoRA by default), evaluate it against its base, write a run directory."""
     from afinar.config import load_train_config
 
     _quiet_libraries()
@@ -145,16 +152,26 @@ def train(
         if not cfg_file.is_file():
             raise AfinarError(f"{resume}: not a run directory (no {rundir.CONFIG_FILE})")
         cfg = load_train_config(cfg_file, set_, anchor_paths=False)
-        cfg = cfg.model_copy(update={"output": str(resume)})
+        cfg = cfg.model_copy(update={"output": str(resume), **(
+            {"evaluate": evaluate} if evaluate is not None else {})})
     else:
         values = {"data": data, "model": model, "output": output,
-                  "validation_data": validation_data,
+                  "validation_data": validation_data, "checks": checks, "evaluate": evaluate,
                   "epochs": (epochs if epochs in (None, "auto") else _int(epochs, "--epochs"))}
         cfg = load_train_config(config, set_, **values)
     progress = TrainProgress()
     result = run_training(cfg, on_event=progress, resume=resume is not None)
     if result.is_main_process:
+        if result.report is not None:
+            _print_report(result.report)
         _print_summary(result.run_dir, result.summary)
+
+
+def _print_report(report) -> None:
+    from rich.markdown import Markdown
+
+    out.print(Markdown(report.markdown))
+    out.print(f"Report: {report.output / 'report.html'}")
 
 
 def _int(value: str, name: str) -> int:
@@ -259,23 +276,59 @@ def demo(
     from afinar.demo import run_demo
 
     output = output or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}"
-    result = run_demo(output, on_event=TrainProgress(), notify=_notify, overrides=set_)
+    result = run_demo(output, on_event=TrainProgress(), overrides=set_)
+    _print_report(result.report)
     _print_summary(result.run_dir, result.train_summary)
     table = Table(title="Held-out prompts: base vs tuned", show_lines=True, expand=True)
     for name in ("prompt", "base model", "tuned model"):
         table.add_column(name, ratio=1, overflow="fold")
-    shown = [r for r in result.rows if r.is_triage][:4] + [
-        r for r in result.rows if not r.is_triage][:2]
+    rows = result.report.data["examples"]
+    triage = [r for r in rows if any("Ferrolux" in m["content"] for m in r["prompt"]
+                                     if m["role"] == "system")]
+    shown = triage[:4] + [r for r in rows if r not in triage][:2]
     for row in shown:
-        table.add_row(row.prompt, row.base, row.tuned)
+        table.add_row(row["prompt"][-1]["content"], row["baseline"]["answer"],
+                      row["model"]["answer"])
     out.print(table)
-    n_tri = sum(r.is_triage for r in result.rows)
-    out.print(f"Format adherence on {n_tri} held-out triage prompts: base "
-              f"{result.base_adherence:.0%}, tuned [bold]{result.tuned_adherence:.0%}[/]")
-    out.print(f"Format leaking into {len(result.rows) - n_tri} ordinary prompts: base "
-              f"{result.base_leak:.0%}, tuned {result.tuned_leak:.0%}")
+    (base_fmt, tuned_fmt), (base_leak, tuned_leak) = result.adherence, result.leak
+    out.print(f"Format adherence on {len(triage)} held-out triage prompts: base "
+              f"{base_fmt:.0%}, tuned [bold]{tuned_fmt:.0%}[/]")
+    out.print(f"Format leaking into {len(rows) - len(triage)} ordinary prompts: base "
+              f"{base_leak:.0%}, tuned {tuned_leak:.0%}")
     out.print(f"Try it: .venv/bin/afinar chat {result.run_dir} --system \"Eres el asistente de "
               "soporte de Ferrolux, una tienda online de electrodomésticos.\"")
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    model: str = typer.Argument(..., help="A run directory, or any model name/path."),
+    data: Optional[str] = typer.Option(None, help="Held-out data (.jsonl); default: a run's "
+                                       "own held-out split."),
+    baseline: str = typer.Option("auto", help="Model to compare with: auto (a run's base "
+                                 "model), none, or a model name/path/run."),
+    output: Optional[str] = typer.Option(None, help="Report folder (default: the run directory)."),
+    checks: Optional[str] = typer.Option(None, help="Checks file (YAML); default: the run's."),
+    probes: bool = typer.Option(True, help="Also compare answers to bundled general prompts."),
+    max_tokens: Optional[int] = typer.Option(None, help="Longest answer (default: from the "
+                                             "references' lengths)."),
+    batch_size: int = typer.Option(8, help="Prompts generated together."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Measure a model or run on held-out data against its base: loss, answers, checks."""
+    _quiet_libraries()
+    from afinar.console import EvalProgress
+    from afinar.evaluate.evaluator import evaluate
+
+    if max_tokens is not None and max_tokens < 1:
+        raise AfinarError("--max-tokens must be at least 1")
+    report = evaluate(model, data=data, baseline=baseline, output=output, checks=checks,
+                      probes=probes, max_new_tokens=max_tokens, batch_size=batch_size,
+                      on_event=EvalProgress(), notify=_notify)
+    if as_json:
+        out.print_json(data=report.summary)
+    else:
+        _print_report(report)
 
 
 def main() -> None:  # pragma: no cover - console entry point

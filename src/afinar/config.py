@@ -73,6 +73,10 @@ class TrainConfig(_Strict):
         "auto", description="Autocast dtype. auto: bf16 on GPUs and on CPUs with native bf16, "
         "fp32 otherwise.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
+    evaluate: bool = Field(True, description="At the end, evaluate base vs tuned on the held-out "
+                           "data and write RUN/report.json and report.html (`afinar eval`).")
+    checks: str | None = Field(None, description="Checks file (YAML) for that evaluation: "
+                               "format regexes, JSON schemas, expected topics.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -185,7 +189,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     base_dir = Path(path).parent if path and anchor_paths else None
     if base_dir is not None:
         # Paths in a config file are relative to the file, so examples run from anywhere.
-        for key in ("data", "validation_data"):
+        for key in ("data", "validation_data", "checks"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(base_dir / data[key])
     data = _merge(data, {k: v for k, v in values.items() if v is not None})

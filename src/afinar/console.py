@@ -25,6 +25,7 @@ class TrainProgress:
 
     def __init__(self):
         self.live = console.is_terminal
+        self.evaluation = EvalProgress()  # train evaluates at the end
         self.progress = None
         self.task = None
         self.eval_loss = None
@@ -50,6 +51,8 @@ class TrainProgress:
         elif kind == "end":
             if self.progress:
                 self.progress.stop()
+        elif kind.startswith("eval_"):
+            self.evaluation(event)
 
     def _start(self, event: dict) -> None:
         self.total = event["total_steps"]
@@ -81,6 +84,42 @@ class TrainProgress:
             if event["step"] % every == 0 or event["step"] == self.total:
                 console.print(f"  step {event['step']}/{self.total} {info} "
                               f"ETA {_fmt_eta(event['eta_s'])}")
+
+
+class EvalProgress:
+    """Evaluation events: a bar per generation task (or start/end lines when not a terminal)."""
+
+    def __init__(self):
+        self.live = console.is_terminal
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "eval_phase":
+            console.print(f"[dim]{escape(event['message'])}[/]")
+        elif kind == "eval_progress":
+            self._progress(event)
+        elif kind == "eval_done" and self.progress:
+            self.progress.stop()
+            self.progress = None
+        elif kind == "log":
+            console.print(f"[dim]{escape(event['message'])}[/]")
+
+    def _progress(self, event: dict) -> None:
+        name, done, total = event["task"], event["done"], event["total"]
+        if not self.live:
+            if done in (0, total):
+                console.print(f"  {name}: {done}/{total}")
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"),
+                                     TimeElapsedColumn(), console=console, transient=True)
+            self.progress.start()
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total)
+        self.progress.update(self.tasks[name], completed=done)
 
 
 def print_error(exc) -> None:

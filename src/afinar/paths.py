@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,3 +14,12 @@ def afinar_home() -> Path:
 
 def models_cache() -> Path:
     return afinar_home() / "models"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Streams the file: data sets and weights can be larger than memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

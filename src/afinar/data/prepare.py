@@ -54,19 +54,23 @@ def describe_data(report: ValidationReport, encoded: list[Tokenized], max_len: i
     return out
 
 
-def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
-    report = load_examples(config.data, config.format)
-    check_usable(report)
-    warnings = [str(i) for i in report.warnings]
+def split_for(config, report: ValidationReport) -> tuple[list[Example], list[Example], str]:
+    """(train, held-out, how they were chosen) for a train config: its validation file, or the
+    seeded split of its data. Evaluation calls this too, so it scores exactly what was held out."""
     if config.validation_data:
         held_report = load_examples(config.validation_data, config.format)
         if held_report.errors:
             raise DataError(f"{held_report.path}: validation data has problems", held_report)
-        train_ex, held_ex = report.examples, held_report.examples
-        how = f"validation file {config.validation_data}"
-    else:
-        train_ex, held_ex = split_examples(report.examples, config.held_out_fraction, config.seed)
-        how = split_method(config.held_out_fraction, config.seed)
+        return report.examples, held_report.examples, f"validation file {config.validation_data}"
+    train_ex, held_ex = split_examples(report.examples, config.held_out_fraction, config.seed)
+    return train_ex, held_ex, split_method(config.held_out_fraction, config.seed)
+
+
+def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
+    report = load_examples(config.data, config.format)
+    check_usable(report)
+    warnings = [str(i) for i in report.warnings]
+    train_ex, held_ex, how = split_for(config, report)
 
     # Encode each file once (cached across runs), then split by position: the split is cheap.
     encoded, hit = cached_encode(config.data, config.format, encoder,

@@ -6,24 +6,15 @@ embedded model feel slow, so the result is saved under AFINAR_HOME keyed by the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from afinar.errors import AfinarError
-from afinar.paths import models_cache
+from afinar.paths import models_cache, sha256_file
 
 _MARKER = "afinar-source.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cached_folder(gguf_path: Path, name: str | None = None, expected_sha256: str | None = None,

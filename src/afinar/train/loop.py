@@ -14,6 +14,7 @@ import json
 import math
 import resource
 import shutil
+import sqlite3
 import tempfile
 import time
 from contextlib import nullcontext
@@ -30,10 +31,12 @@ from afinar.data.batching import collate, plan_batches
 from afinar.data.prepare import PreparedData, prepare_data
 from afinar.data.tokenize import IGNORE, ChatEncoder, Tokenized
 from afinar.errors import AfinarError
+from afinar.evaluate.loss import evaluate_loss
 from afinar.models import adapters
 from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
                                 stop_token_ids)
 from afinar.models.registry import BASE_MODELS, resolve_model
+from afinar.paths import sha256_file
 from afinar.train import state as ckpt
 from afinar.train.losses import SupervisedLoss
 
@@ -45,6 +48,7 @@ class TrainResult:
     run_dir: Path
     summary: dict
     is_main_process: bool = True  # False on the other ranks of a multi-process run
+    report: object | None = None  # the end-of-run EvalReport (afinar.evaluate), when it ran
 
 
 def _default_output(config: TrainConfig) -> Path:
@@ -101,29 +105,6 @@ class _Metrics:
                 handle.write(json.dumps(record) + "\n")
 
 
-@torch.no_grad()
-def evaluate_loss(loss_model, items: list[Tokenized], batch_size: int, pad_id: int,
-                  accelerator) -> dict:
-    """Held-out loss, perplexity and token accuracy on the supervised (assistant) tokens."""
-    loss_model.eval()
-    mine = items[accelerator.process_index::accelerator.num_processes]
-    mine = sorted(mine, key=lambda t: -len(t.input_ids))
-    totals = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
-        batch = collate(mine[start:start + batch_size], pad_id)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            loss_sum, count, correct = loss_model(**batch)
-        totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-    loss_model.train()
-    loss = (totals[0] / totals[1]).item() if totals[1] else float("nan")
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)),
-            "eval_token_accuracy": (totals[2] / totals[1]).item() if totals[1] else float("nan"),
-            "eval_tokens": int(totals[1])}
-
-
 def _save_folder_atomic(model, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
@@ -151,17 +132,49 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
     """
     started = {}
     try:
-        return _train(config, on_event, resume, started)
+        result = _train(config, on_event, resume, started)
     except BaseException as exc:
         run = started.get("run")
         if run is not None and (run / rundir.RUN_FILE).is_file():
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             _write_run_info(run, started["config"], status,
                             error=f"{exc.__class__.__name__}: {exc}"[:2000])
+            _register(run, on_event)
             if on_event and (run / rundir.CHECKPOINTS_DIR).is_dir():
                 on_event({"type": "log", "level": "warning", "message":
                           f"run {status}; continue it with: afinar train --resume {run}"})
         raise
+    if result.is_main_process:
+        _register(result.run_dir, on_event)
+    if result.is_main_process and config.evaluate and result.summary.get("held_out_examples"):
+        # Outside the try above: the model is trained and saved whatever happens here.
+        result.report = _evaluate_run(result.run_dir, on_event)
+    return result
+
+
+def _register(run: Path, on_event: Event | None) -> None:
+    """Records the run in the model-version registry; a registry problem never costs a run."""
+    from afinar.versions import open_registry
+
+    try:
+        open_registry().record_run(run)
+    except (AfinarError, OSError, sqlite3.Error) as exc:
+        if on_event:
+            on_event({"type": "log", "level": "warning",
+                      "message": f"could not record the run in the registry: {exc}"})
+
+
+def _evaluate_run(run: Path, on_event: Event | None):
+    from afinar.evaluate.evaluator import evaluate
+
+    emit = on_event or (lambda event: None)
+    try:
+        return evaluate(str(run), on_event=emit, notify=lambda message: emit(
+            {"type": "log", "level": "info", "message": message}))
+    except AfinarError as exc:
+        emit({"type": "log", "level": "warning", "message": f"end-of-run evaluation failed: "
+              f"{exc.message}; the run itself is complete (retry with `afinar eval {run}`)"})
+        return None
 
 
 def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: dict
@@ -181,7 +194,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                           f"resume it with `afinar train --resume {run}`, or pick --output")
     # Absolute paths in the saved config: `--resume` and `afinar chat RUN` work from any folder.
     absolute = {k: str(Path(v).resolve()) for k, v in (("data", config.data),
-                ("validation_data", config.validation_data), ("model", config.model))
+                ("validation_data", config.validation_data), ("model", config.model),
+                ("checks", config.checks))
                 if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
     config = config.model_copy(update={"output": str(run), **absolute})
     device = pick_device(config.device)
@@ -207,8 +221,11 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         (run / rundir.CONFIG_FILE).write_text(dump_config(config))
         rundir.write_json_atomic(run / rundir.DATA_REPORT, data.report)
         tokenizer.save_pretrained(run / rundir.TOKENIZER_DIR)
+        data_file = Path(config.data)
         _write_run_info(run, config, "running", base_model_path=resolved.weights,
-                        precision=precision, device=str(accelerator.device))
+                        precision=precision, device=str(accelerator.device),
+                        data_sha256=sha256_file(data_file), data_size=data_file.stat().st_size)
+        _register(run, emit)
 
     model = adapters.attach(model, config.method, config.lora)
     if getattr(model.config, "use_cache", None) is not None:
@@ -373,7 +390,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
                "train_seconds": round(state.elapsed_s, 2),
                "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
-               "trainable_params": n_trainable, "precision": precision, "processes": world}
+               "trainable_params": n_trainable, "precision": precision, "processes": world,
+               "held_out_examples": len(data.held)}
     if main:
         dest = run / (rundir.ADAPTER_DIR if config.method == "lora" else rundir.FULL_MODEL_DIR)
         best = ckpt.checkpoints_dir(run) / "best"

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, generation metrics, checks, base-vs-tuned reports."""

@@ -1,0 +1,336 @@
+"""`afinar eval`: a model or run on held-out data, side by side with its base model.
+
+    report = evaluate("runs/soporte")          # the run's held-out split, vs the run's base model
+    report = evaluate("runs/soporte", data="heldout.jsonl", baseline="none")
+
+For each model: held-out loss/perplexity/token accuracy on the assistant tokens (the training
+loop's own function and masks), greedy answers to every held-out prompt scored against the
+reference (exact, normalised, ROUGE-L) and by the declared checks, and answers to the bundled
+general probes ("what did it break"). Writes report.json, report.html and report.md atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from afinar import rundir
+from afinar.config import TrainConfig, load_train_config
+from afinar.data.example import Example
+from afinar.data.prepare import split_for
+from afinar.data.tokenize import fit_length
+from afinar.data.validate import load_examples
+from afinar.errors import AfinarError, DataError
+from afinar.evaluate import diagnosis, regressions
+from afinar.evaluate.checks import CheckSet, load_checks, run_check
+from afinar.evaluate.loss import evaluate_loss
+from afinar.evaluate.metrics import REFERENCE_METRICS, score_answer
+
+Event = Callable[[dict], None]
+PROBE_MAX_NEW_TOKENS = 64  # enough to see what changed; the base model can ramble for longer
+CHANGE_THRESHOLD = 0.05  # per-example score differences below this are "same"
+LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
+
+
+@dataclass
+class EvalReport:
+    data: dict  # everything report.json holds
+    output: Path
+    markdown: str
+
+    @property
+    def summary(self) -> dict:
+        return self.data["summary"]
+
+
+@dataclass
+class _Target:
+    spec: str
+    run_dir: Path | None
+    config: TrainConfig | None
+    examples: list[Example]
+    data_source: str
+    checks: CheckSet
+    baseline: str | None
+    output: Path
+    is_default_eval: bool  # a run's own held-out split: the report the registry shows
+
+
+def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
+             output: str | None = None, checks: str | None = None, probes: bool = True,
+             max_new_tokens: int | None = None, batch_size: int = 8,
+             on_event: Event | None = None, notify: Callable = print) -> EvalReport:
+    """`baseline`: "auto" (a run's base model; none for a plain model), "none", or any model."""
+    from afinar.infer.generate import GenerationSettings
+
+    emit = on_event or (lambda event: None)
+    started = time.perf_counter()
+    target = _resolve_target(model, data, baseline, output, checks)
+    examples = target.examples
+    prompts = [list(ex.prompt_messages()) for ex in examples if ex.is_chat]
+    chat_examples = [ex for ex in examples if ex.is_chat]
+    probe_examples = regressions.load_probes() if probes and target.baseline else []
+    timings: dict[str, float] = {}
+
+    results: dict[str, dict] = {}
+    settings = None
+    for role, spec in (("model", target.spec), ("baseline", target.baseline)):
+        if spec is None:
+            continue
+        t0 = time.perf_counter()
+        emit({"type": "eval_phase", "message": f"{role}: loading {spec}"})
+        loaded = _load(spec, notify)
+        if settings is None:  # both models answer with the same settings
+            settings = GenerationSettings(
+                max_new_tokens=max_new_tokens or _answer_budget(loaded.tokenizer, chat_examples))
+        results[role] = _run_model(loaded, role, examples, prompts, probe_examples, settings,
+                                   target, batch_size, emit)
+        del loaded
+        timings[f"{role}_s"] = round(time.perf_counter() - t0, 2)
+
+    report = _assemble(target, chat_examples, results, probe_examples, settings, batch_size)
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    report["timing"] = timings
+    from afinar.evaluate.report_html import render_html
+    from afinar.evaluate.report_md import render_markdown
+
+    markdown = render_markdown(report)
+    target.output.mkdir(parents=True, exist_ok=True)
+    rundir.write_json_atomic(target.output / "report.json", report)
+    rundir.write_text_atomic(target.output / "report.md", markdown)
+    rundir.write_text_atomic(target.output / "report.html", render_html(report))
+    if target.run_dir is not None and target.is_default_eval:
+        from afinar.versions import open_registry
+
+        open_registry().record_run(target.run_dir)
+    emit({"type": "eval_done", "output": str(target.output), "summary": report["summary"]})
+    return EvalReport(report, target.output, markdown)
+
+
+# --- what to evaluate ------------------------------------------------------------------------
+
+def _resolve_target(model: str, data: str | None, baseline: str | None, output: str | None,
+                    checks: str | None) -> _Target:
+    path = Path(model)
+    config = None
+    run_dir = path if rundir.is_run_dir(path) else None
+    if run_dir is not None:
+        config = load_train_config(run_dir / rundir.CONFIG_FILE, anchor_paths=False)
+    if data:
+        report = load_examples(data, for_training=False)
+        if not report.ok:
+            raise DataError(f"{data}: {len(report.errors)} problem(s) in the evaluation data",
+                            report)
+        examples, source = report.examples, str(data)
+    elif config is not None:
+        train_report = load_examples(config.data, config.format)
+        if not train_report.ok:
+            raise DataError(f"{config.data}: the run's training data no longer validates",
+                            train_report, "pass the held-out file with --data")
+        _, examples, how = split_for(config, train_report)
+        source = f"held-out part of {config.data} ({how})"
+    else:
+        raise AfinarError(f"{model}: not a run directory, so there is no held-out split to use",
+                          "pass the evaluation file with --data FILE")
+    if not examples:
+        raise AfinarError(f"{model}: no held-out examples to evaluate on",
+                          "pass a file with --data, or train with held_out_fraction > 0")
+
+    if baseline in (None, "none", ""):
+        base = None
+    elif baseline == "auto":
+        base = config.model if config is not None else None
+    else:
+        base = baseline
+    checks_file = checks or (config.checks if config is not None else None)
+    is_default = run_dir is not None and not data
+    if output:
+        out = Path(output)
+    elif run_dir is not None:
+        out = run_dir if is_default else run_dir / f"eval-{Path(data).stem}"
+    else:
+        out = Path(f"eval-{Path(data).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    return _Target(str(model), run_dir, config, examples, source, load_checks(checks_file), base,
+                   out, is_default)
+
+
+def _load(spec: str, notify: Callable):
+    from afinar.infer.generate import load
+
+    return load(spec, notify=notify)
+
+
+def _answer_budget(tokenizer, examples: list[Example]) -> int:
+    """Room for the longest reference answer and a margin, so a rambling model is cut off
+    near where a correct answer would have ended (and evaluation stays fast)."""
+    refs = [ex.final_answer() or "" for ex in examples]
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs),
+                  default=0)
+    return int(min(512, max(32, longest * 1.25 + 16)))
+
+
+# --- one model --------------------------------------------------------------------------------
+
+def _run_model(loaded, role: str, examples, prompts, probes, settings, target: _Target,
+               batch_size: int, emit: Event) -> dict:
+    from afinar.train.losses import SupervisedLoss
+
+    max_len = target.config.max_seq_length if target.config else 2048
+    items = [fit_length(loaded.encoder.encode(ex, i), max_len, "truncate")
+             for i, ex in enumerate(examples) if ex.is_chat is False or ex.final_answer()]
+    items = [t for t in items if t is not None]
+    loss = {}
+    if items:
+        emit({"type": "eval_phase", "message": f"{role}: held-out loss on {len(items)} examples"})
+        loss = evaluate_loss(SupervisedLoss(loaded.model), items, batch_size,
+                             loaded.tokenizer.pad_token_id, device=loaded.device)
+    answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers")
+    probe_answers = []
+    if probes:
+        from afinar.infer.generate import GenerationSettings
+
+        probe_settings = GenerationSettings(max_new_tokens=PROBE_MAX_NEW_TOKENS)
+        probe_answers = _generate(loaded, [list(p.prompt_messages()) for p in probes],
+                                  probe_settings, batch_size, emit, f"{role}: general prompts")
+    return {"loss": loss, "answers": answers, "probe_answers": probe_answers,
+            "spec": loaded.name}
+
+
+def _generate(loaded, prompts, settings, batch_size, emit, label) -> list[str]:
+    if not prompts:
+        return []
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        emit({"type": "eval_progress", "task": label, "done": done, "total": len(prompts)})
+
+    emit({"type": "eval_progress", "task": label, "done": 0, "total": len(prompts)})
+    return loaded.generate(prompts, settings, batch_size, progress)
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def _score(example: Example, answer: str, checks: CheckSet) -> dict:
+    reference = example.final_answer()
+    scores = score_answer(answer, reference) if reference is not None else {}
+    results = [run_check(spec, answer) for spec in checks.for_example(example)]
+    # One number per answer to say "better" or "worse": the checks when there are any (they
+    # are what the user declared matters), else closeness to the reference.
+    if results:
+        primary = sum(r.score for r in results) / len(results)
+    else:
+        primary = scores.get("rouge_l")
+    return {"answer": answer, "scores": scores, "checks": [vars(r) for r in results],
+            "primary": primary}
+
+
+def _change(model: dict, base: dict | None) -> tuple[str, float | None]:
+    if base is None or model["primary"] is None or base["primary"] is None:
+        return "n/a", None
+    delta = model["primary"] - base["primary"]
+    if delta > CHANGE_THRESHOLD:
+        return "improved", delta
+    if delta < -CHANGE_THRESHOLD:
+        return "worse", delta
+    return ("same" if model["answer"].strip() == base["answer"].strip() else "reworded"), delta
+
+
+def _aggregate(scored: list[dict], loss: dict) -> dict[str, tuple[float | None, int]]:
+    """metric -> (value, number of examples it covers)."""
+    out: dict[str, tuple[float | None, int]] = {}
+    for key in ("eval_loss", "eval_perplexity", "eval_token_accuracy"):
+        if key in loss:
+            out[key] = (loss[key], loss.get("eval_tokens", 0))
+    with_ref = [s for s in scored if s["scores"]]
+    for name in REFERENCE_METRICS:
+        if with_ref:
+            out[name] = (sum(s["scores"][name] for s in with_ref) / len(with_ref), len(with_ref))
+    by_check: dict[str, list[float]] = {}
+    for s in scored:
+        for c in s["checks"]:
+            by_check.setdefault(c["name"], []).append(c["score"])
+    for name, values in sorted(by_check.items()):
+        out[f"check:{name}"] = (sum(values) / len(values), len(values))
+    return out
+
+
+def _assemble(target: _Target, examples: list[Example], results: dict, probes: list[Example],
+              settings, batch_size: int) -> dict:
+    has_base = "baseline" in results
+    rows, model_scored, base_scored = [], [], []
+    for i, ex in enumerate(examples):
+        m = _score(ex, results["model"]["answers"][i], target.checks)
+        b = _score(ex, results["baseline"]["answers"][i], target.checks) if has_base else None
+        change, delta = _change(m, b)
+        model_scored.append(m)
+        if b is not None:
+            base_scored.append(b)
+        rows.append({"index": i, "where": ex.where,
+                     "prompt": [{"role": msg.role, "content": msg.content}
+                                for msg in ex.prompt_messages()],
+                     "reference": ex.final_answer(), "model": m, "baseline": b,
+                     "change": change, "delta": delta})
+
+    model_metrics = _aggregate(model_scored, results["model"]["loss"])
+    base_metrics = _aggregate(base_scored, results["baseline"]["loss"]) if has_base else {}
+    metrics = []
+    for name, (value, n) in model_metrics.items():
+        base_value = base_metrics.get(name, (None, 0))[0]
+        delta = value - base_value if value is not None and base_value is not None else None
+        metrics.append({"name": name, "model": value, "baseline": base_value, "delta": delta,
+                        "n": n, "better": "lower" if name in LOWER_IS_BETTER else "higher"})
+
+    warnings: list[str] = []
+    regression = None
+    if probes:
+        signature = regressions.format_signature(
+            [ex.final_answer() or "" for ex in examples], target.checks.leak_regex)
+        regression = regressions.compare_probes(probes, results["model"]["probe_answers"],
+                                                results["baseline"]["probe_answers"], signature)
+        warnings += regression["warnings"]
+    training = None
+    if target.run_dir is not None:
+        records = diagnosis.read_metrics(target.run_dir / rundir.METRICS_FILE)
+        training = {"curves": diagnosis.curves(records), "diagnosis": diagnosis.diagnose(records)}
+        if training["diagnosis"]["verdict"] in ("overfitting", "not_learning"):
+            warnings.append(training["diagnosis"]["message"])
+    changes = {k: sum(r["change"] == k for r in rows)
+               for k in ("improved", "worse", "same", "reworded")} if has_base else {}
+    worse = [m for m in metrics if m["delta"] is not None and m["name"].startswith("check:")
+             and m["delta"] < -CHANGE_THRESHOLD]
+    for m in worse:
+        warnings.append(f"{m['name']} is lower than the base model's "
+                        f"({m['model']:.0%} vs {m['baseline']:.0%})")
+
+    summary = {m["name"]: m["model"] for m in metrics}
+    if regression:
+        summary["probes_changed"] = regression["summary"]["changed"]
+        summary["probes_leaks"] = regression["summary"]["model_leaks"]
+    run_info = rundir.read_run_info(target.run_dir) if target.run_dir else {}
+    return {
+        "afinar_report": 1,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"spec": target.spec, "run_dir": str(target.run_dir) if target.run_dir else None,
+                  "base_model": target.config.model if target.config else None,
+                  "status": run_info.get("status")},
+        "baseline": {"spec": target.baseline} if target.baseline else None,
+        "data": {"source": target.data_source, "examples": len(target.examples),
+                 "with_prompt": len(examples)},
+        "checks": {"source": target.checks.source, "names": target.checks.names,
+                   "leak_regex": target.checks.leak_regex},
+        "generation": {"max_new_tokens": settings.max_new_tokens if settings else None,
+                       "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "greedy": True,
+                       "batch_size": batch_size},
+        "metrics": metrics,
+        "summary": summary,
+        "changes": changes,
+        "examples": rows,
+        "regressions": regression,
+        "training": training,
+        "warnings": warnings,
+    }
