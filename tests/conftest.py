@@ -96,3 +96,33 @@ def small_chat_file(tmp_path) -> Path:
             {"role": "assistant", "content": f"Categoría: envío\nPrioridad: alta\nRespuesta: {i}"},
         ]})
     return write_jsonl(tmp_path / "small.jsonl", records)
+
+
+# Checks for the evaluated run: `always` must score 1 and `never` 0, whatever the model says.
+EVAL_CHECKS = r"""checks:
+  - name: format
+    when: {prompt_matches: pedido}
+    regex: 'Categoría: \w+\nPrioridad: \w+\nRespuesta: .*'
+  - {name: always, regex: '(?s).*'}
+  - {name: never, regex: 'NEVER-MATCHES'}
+leak_regex: 'Prioridad:'
+"""
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, tiny_model_dir):
+    """(TrainResult, folder): 30 LoRA steps on a tiny random Llama, then `afinar eval`."""
+    from afinar.config import TrainConfig
+    from afinar.train.loop import train
+
+    folder = tmp_path_factory.mktemp("evaluated")
+    records = [{"messages": [
+        {"role": "user", "content": f"pedido {i} llegó roto"},
+        {"role": "assistant", "content": f"Categoría: envío\nPrioridad: alta\nRespuesta: {i}"}]}
+        for i in range(40)]
+    data = write_jsonl(folder / "small.jsonl", records)
+    (folder / "checks.yaml").write_text(EVAL_CHECKS, encoding="utf-8")
+    config = TrainConfig(data=str(data), model=str(tiny_model_dir), output=str(folder / "run"),
+                         learning_rate=1e-2, batch_size=4, max_steps=30, eval_steps=10, seed=0,
+                         precision="fp32", checks=str(folder / "checks.yaml"))
+    return train(config), folder

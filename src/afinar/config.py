@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -136,27 +136,40 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def _nested_model(annotation) -> type[BaseModel] | None:
+    """The settings model inside a field's type: X, X | None or list[X]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _nested_model(arg)) is not None:
+            return found
+    return None
+
+
 def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
     names = []
     for name, info in model.model_fields.items():
-        names.append(prefix + name)
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            names += _field_names(info.annotation, f"{prefix}{name}.")
+        names.append(prefix + (info.alias or name))
+        if (nested := _nested_model(info.annotation)) is not None:
+            names += _field_names(nested, f"{prefix}{name}.")
     return names
 
 
-def _readable(exc: ValidationError, model: type[BaseModel], source: str) -> AfinarError:
+def _readable(exc: ValidationError, model: type[BaseModel], source: str,
+              hint: str) -> AfinarError:
     lines = []
     known = _field_names(model)
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
-        msg = err["msg"]
+        parts = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
+        loc = ".".join(parts)
+        msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, known, n=1)
+            # List positions (checks.0.regx) do not take part in the name matching.
+            close = difflib.get_close_matches(".".join(p for p in parts if not p.isdigit()),
+                                              known, n=1)
             msg = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
         lines.append(f"{loc or '(config)'}: {msg}")
-    return AfinarError(f"invalid config ({source}):\n  " + "\n  ".join(lines),
-                       "see `afinar train --help` or docs/configuration.md")
+    return AfinarError(f"invalid config ({source}):\n  " + "\n  ".join(lines), hint)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -172,11 +185,12 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def build_config(model: type[BaseModel], values: dict, source: str):
+def build_config(model: type[BaseModel], values: dict, source: str,
+                 hint: str = "see `afinar train --help` or docs/configuration.md"):
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        raise _readable(exc, model, source) from None
+        raise _readable(exc, model, source, hint) from None
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,

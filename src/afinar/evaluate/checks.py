@@ -119,7 +119,8 @@ def load_checks(path: str | Path | None) -> CheckSet:
     if not path:
         return CheckSet()
     path = Path(path)
-    parsed: ChecksFile = build_config(ChecksFile, read_yaml(path), str(path))
+    parsed: ChecksFile = build_config(ChecksFile, read_yaml(path), str(path),
+                                      "the checks file format is described in docs/evaluation.md")
     specs = []
     for spec in parsed.checks:
         if isinstance(spec.json_schema, str):  # a schema file, relative to the checks file

@@ -39,8 +39,10 @@ def format_signature(references: list[str], explicit: str | None = None,
         return None
     # Data often mixes the taught format with ordinary answers (as it should): look at the
     # labelled answers, if they are a real part of the data.
+    # An answer is structured when two or more of its lines start with a label (one "Note:"
+    # in prose is not a format; a single-label format can be declared as leak_regex).
     labelled = [{lbl.strip() for lbl in _LABEL.findall(a)} for a in answers]
-    labelled = [found for found in labelled if found]
+    labelled = [found for found in labelled if len(found) >= 2]
     if len(labelled) < 0.3 * len(answers):
         return None
     counts = Counter(lbl for found in labelled for lbl in found)
