@@ -5,13 +5,15 @@
     result = afinar.train(afinar.TrainConfig(data="data.jsonl"))
     model = afinar.load(result.run_dir)
     model.generate([[{"role": "user", "content": "Hola"}]])
+    report = afinar.evaluate(result.run_dir)          # base vs tuned; report.json/.html
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "train", "load", "validate", "GenerationSettings", "AfinarError"]
+__all__ = ["TrainConfig", "train", "load", "validate", "evaluate", "GenerationSettings",
+           "AfinarError"]
 
 
 def __getattr__(name: str):
@@ -31,6 +33,9 @@ def __getattr__(name: str):
     if name == "validate":
         from afinar.data.validate import load_examples
         return load_examples
+    if name == "evaluate":
+        from afinar.evaluation.evaluator import evaluate
+        return evaluate
     if name == "AfinarError":
         from afinar.errors import AfinarError
         return AfinarError

@@ -318,7 +318,7 @@ def eval_(
     """Measure a model or run on held-out data against its base: loss, answers, checks."""
     _quiet_libraries()
     from afinar.console import EvalProgress
-    from afinar.evaluate.evaluator import evaluate
+    from afinar.evaluation.evaluator import evaluate
 
     if max_tokens is not None and max_tokens < 1:
         raise AfinarError("--max-tokens must be at least 1")

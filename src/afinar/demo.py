@@ -33,7 +33,7 @@ def bundled_example(name: str = "soporte-triaje") -> Path:
 class DemoResult:
     run_dir: Path
     train_summary: dict
-    report: object  # afinar.evaluate.evaluator.EvalReport
+    report: object  # afinar.evaluation.evaluator.EvalReport
 
     def metric(self, name: str, side: str = "model") -> float | None:
         return next((m[side] for m in self.report.data["metrics"] if m["name"] == name), None)

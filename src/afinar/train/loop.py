@@ -31,7 +31,7 @@ from afinar.data.batching import collate, plan_batches
 from afinar.data.prepare import PreparedData, prepare_data
 from afinar.data.tokenize import IGNORE, ChatEncoder, Tokenized
 from afinar.errors import AfinarError
-from afinar.evaluate.loss import evaluate_loss
+from afinar.evaluation.loss import evaluate_loss
 from afinar.models import adapters
 from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
                                 stop_token_ids)
@@ -48,7 +48,7 @@ class TrainResult:
     run_dir: Path
     summary: dict
     is_main_process: bool = True  # False on the other ranks of a multi-process run
-    report: object | None = None  # the end-of-run EvalReport (afinar.evaluate), when it ran
+    report: object | None = None  # the end-of-run EvalReport (afinar.evaluation), when it ran
 
 
 def _default_output(config: TrainConfig) -> Path:
@@ -165,7 +165,7 @@ def _register(run: Path, on_event: Event | None) -> None:
 
 
 def _evaluate_run(run: Path, on_event: Event | None):
-    from afinar.evaluate.evaluator import evaluate
+    from afinar.evaluation.evaluator import evaluate
 
     emit = on_event or (lambda event: None)
     try:

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from afinar.config import _Strict, build_config, read_yaml
 from afinar.data.example import Example
 from afinar.errors import AfinarError
-from afinar.evaluate.metrics import normalize
+from afinar.evaluation.metrics import normalize
 
 KINDS = ("regex", "must_not_match", "json", "json_schema", "expected_topics")
 _ATTR = {"json": "is_json"}  # kind as written in files -> attribute

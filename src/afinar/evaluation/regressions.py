@@ -15,8 +15,8 @@ from pathlib import Path
 
 from afinar.data.example import Example
 from afinar.data.validate import load_examples
-from afinar.evaluate.checks import example_checks, run_check
-from afinar.evaluate.metrics import normalize, rouge_l
+from afinar.evaluation.checks import example_checks, run_check
+from afinar.evaluation.metrics import normalize, rouge_l
 
 PROBES_FILE = Path(__file__).parent / "probes" / "general.jsonl"
 # A label ("Categoría:", "Answer:") starting a line: how structured output formats look.

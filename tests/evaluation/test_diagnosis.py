@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from afinar.evaluate.diagnosis import curves, diagnose, read_metrics
+from afinar.evaluation.diagnosis import curves, diagnose, read_metrics
 
 
 def _write(path, evals, train=None):

@@ -8,7 +8,7 @@ import pytest
 
 from afinar.data.example import Example, Message
 from afinar.errors import AfinarError
-from afinar.evaluate.checks import CheckSpec, example_checks, load_checks, run_check
+from afinar.evaluation.checks import CheckSpec, example_checks, load_checks, run_check
 
 
 def _spec(**kw) -> CheckSpec:

@@ -11,7 +11,7 @@ import difflib
 import html
 import re
 
-from afinar.evaluate.formatting import fmt_delta, fmt_value, is_better, label
+from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;color:#1d2330;

@@ -3,7 +3,7 @@ report.md."""
 
 from __future__ import annotations
 
-from afinar.evaluate.formatting import fmt_delta, fmt_value, is_better, label
+from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
 
 
 def render_markdown(report: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from afinar.evaluate.metrics import (exact_match, normalize, normalized_match, rouge_l,
+from afinar.evaluation.metrics import (exact_match, normalize, normalized_match, rouge_l,
                                      score_answer)
 
 

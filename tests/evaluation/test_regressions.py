@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from afinar.evaluate.regressions import compare_probes, format_signature, load_probes
+from afinar.evaluation.regressions import compare_probes, format_signature, load_probes
 
 TICKET = "Categoría: envío\nPrioridad: alta\nRespuesta: Lo revisamos."
 

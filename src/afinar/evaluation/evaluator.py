@@ -24,10 +24,10 @@ from afinar.data.prepare import split_for
 from afinar.data.tokenize import fit_length
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError, DataError
-from afinar.evaluate import diagnosis, regressions
-from afinar.evaluate.checks import CheckSet, load_checks, run_check
-from afinar.evaluate.loss import evaluate_loss
-from afinar.evaluate.metrics import REFERENCE_METRICS, score_answer
+from afinar.evaluation import diagnosis, regressions
+from afinar.evaluation.checks import CheckSet, load_checks, run_check
+from afinar.evaluation.loss import evaluate_loss
+from afinar.evaluation.metrics import REFERENCE_METRICS, score_answer
 
 Event = Callable[[dict], None]
 PROBE_MAX_NEW_TOKENS = 64  # enough to see what changed; the base model can ramble for longer
@@ -94,8 +94,8 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
     report = _assemble(target, chat_examples, results, probe_examples, settings, batch_size)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     report["timing"] = timings
-    from afinar.evaluate.report_html import render_html
-    from afinar.evaluate.report_md import render_markdown
+    from afinar.evaluation.report_html import render_html
+    from afinar.evaluation.report_md import render_markdown
 
     markdown = render_markdown(report)
     target.output.mkdir(parents=True, exist_ok=True)
