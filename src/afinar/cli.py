@@ -312,7 +312,10 @@ def eval_(
     probes: bool = typer.Option(True, help="Also compare answers to bundled general prompts."),
     max_tokens: Optional[int] = typer.Option(None, help="Longest answer (default: from the "
                                              "references' lengths)."),
-    batch_size: int = typer.Option(8, help="Prompts generated together."),
+    batch_size: int = typer.Option(32, help="Prompts generated together (CPU decoding is "
+                                   "bound by reading the weights: bigger batches are cheaper)."),
+    cache: bool = typer.Option(True, help="Reuse greedy answers an earlier evaluation "
+                               "generated with the same weights, prompt and settings."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Measure a model or run on held-out data against its base: loss, answers, checks."""
@@ -324,7 +327,7 @@ def eval_(
         raise AfinarError("--max-tokens must be at least 1")
     report = evaluate(model, data=data, baseline=baseline, output=output, checks=checks,
                       probes=probes, max_new_tokens=max_tokens, batch_size=batch_size,
-                      on_event=EvalProgress(), notify=_notify)
+                      use_cache=cache, on_event=EvalProgress(), notify=_notify)
     if as_json:
         out.print_json(data=report.summary)
     else:

@@ -85,3 +85,23 @@ def test_cli_eval_user_errors(tiny_model_dir, tmp_path):
     broken = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(bad)])
     assert broken.exit_code == 1 and "bad.jsonl:2" in broken.output
     assert "Traceback" not in broken.output
+
+
+def test_greedy_answers_are_reused_only_for_identical_weights(evaluated_run, tmp_path):
+    from afinar.evaluation.evaluator import evaluate
+
+    result, _ = evaluated_run
+    first = json.loads((result.run_dir / "report.json").read_text())
+    again = evaluate(str(result.run_dir), output=str(tmp_path / "again")).data
+    assert again["generation"]["answers_from_cache"] == {"model": 8 + 24, "baseline": 8 + 24}
+    assert [r["model"]["answer"] for r in again["examples"]] == \
+        [r["model"]["answer"] for r in first["examples"]]
+    fresh = evaluate(str(result.run_dir), output=str(tmp_path / "fresh"), use_cache=False).data
+    assert fresh["generation"]["answers_generated"] == {"model": 32, "baseline": 32}
+    assert [r["model"]["answer"] for r in fresh["examples"]] == \
+        [r["model"]["answer"] for r in first["examples"]]
+    # Other weights (here: the adapter touched) miss the cache.
+    adapter = result.run_dir / rundir.ADAPTER_DIR / "adapter_model.safetensors"
+    adapter.touch()
+    touched = evaluate(str(result.run_dir), output=str(tmp_path / "touched"), probes=False).data
+    assert touched["generation"]["answers_from_cache"]["model"] == 0

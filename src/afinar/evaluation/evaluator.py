@@ -25,6 +25,7 @@ from afinar.data.tokenize import fit_length
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError, DataError
 from afinar.evaluation import diagnosis, regressions
+from afinar.evaluation.answer_cache import AnswerCache
 from afinar.evaluation.checks import CheckSet, load_checks, run_check
 from afinar.evaluation.loss import evaluate_loss
 from afinar.evaluation.metrics import REFERENCE_METRICS, score_answer
@@ -61,9 +62,11 @@ class _Target:
 
 def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
              output: str | None = None, checks: str | None = None, probes: bool = True,
-             max_new_tokens: int | None = None, batch_size: int = 8,
+             max_new_tokens: int | None = None, batch_size: int = 32, use_cache: bool = True,
              on_event: Event | None = None, notify: Callable = print) -> EvalReport:
-    """`baseline`: "auto" (a run's base model; none for a plain model), "none", or any model."""
+    """`baseline`: "auto" (a run's base model; none for a plain model), "none", or any model.
+    `use_cache`: reuse greedy answers a previous evaluation generated with identical weights,
+    prompt and settings (see answer_cache.py)."""
     from afinar.infer.generate import GenerationSettings
 
     emit = on_event or (lambda event: None)
@@ -87,7 +90,7 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
             settings = GenerationSettings(
                 max_new_tokens=max_new_tokens or _answer_budget(loaded.tokenizer, chat_examples))
         results[role] = _run_model(loaded, role, examples, prompts, probe_examples, settings,
-                                   target, batch_size, emit)
+                                   target, batch_size, emit, use_cache)
         del loaded
         timings[f"{role}_s"] = round(time.perf_counter() - t0, 2)
 
@@ -175,7 +178,7 @@ def _answer_budget(tokenizer, examples: list[Example]) -> int:
 # --- one model --------------------------------------------------------------------------------
 
 def _run_model(loaded, role: str, examples, prompts, probes, settings, target: _Target,
-               batch_size: int, emit: Event) -> dict:
+               batch_size: int, emit: Event, use_cache: bool) -> dict:
     from afinar.train.losses import SupervisedLoss
 
     max_len = target.config.max_seq_length if target.config else 2048
@@ -187,30 +190,46 @@ def _run_model(loaded, role: str, examples, prompts, probes, settings, target: _
         emit({"type": "eval_phase", "message": f"{role}: held-out loss on {len(items)} examples"})
         loss = evaluate_loss(SupervisedLoss(loaded.model), items, batch_size,
                              loaded.tokenizer.pad_token_id, device=loaded.device)
-    answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers")
+    counts: dict[str, int] = {}
+    answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers",
+                        use_cache, counts)
     probe_answers = []
     if probes:
         from afinar.infer.generate import GenerationSettings
 
         probe_settings = GenerationSettings(max_new_tokens=PROBE_MAX_NEW_TOKENS)
         probe_answers = _generate(loaded, [list(p.prompt_messages()) for p in probes],
-                                  probe_settings, batch_size, emit, f"{role}: general prompts")
+                                  probe_settings, batch_size, emit, f"{role}: general prompts",
+                                  use_cache, counts)
     return {"loss": loss, "answers": answers, "probe_answers": probe_answers,
-            "spec": loaded.name}
+            "spec": loaded.name, "answers_from_cache": counts.get("cached", 0),
+            "answers_generated": counts.get("generated", 0)}
 
 
-def _generate(loaded, prompts, settings, batch_size, emit, label) -> list[str]:
+def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: bool,
+              counts: dict) -> list[str]:
     if not prompts:
         return []
-    done = 0
+    cache = AnswerCache(loaded, settings) if use_cache else None
+    answers = cache.lookup(prompts) if cache else [None] * len(prompts)
+    todo = [i for i, a in enumerate(answers) if a is None]
+    done = len(prompts) - len(todo)
+    counts["cached"] = counts.get("cached", 0) + done
+    counts["generated"] = counts.get("generated", 0) + len(todo)
 
     def progress(n: int) -> None:
         nonlocal done
         done += n
         emit({"type": "eval_progress", "task": label, "done": done, "total": len(prompts)})
 
-    emit({"type": "eval_progress", "task": label, "done": 0, "total": len(prompts)})
-    return loaded.generate(prompts, settings, batch_size, progress)
+    emit({"type": "eval_progress", "task": label, "done": done, "total": len(prompts)})
+    if todo:
+        new = loaded.generate([prompts[i] for i in todo], settings, batch_size, progress)
+        for i, answer in zip(todo, new):
+            answers[i] = answer
+        if cache:
+            cache.store([prompts[i] for i in todo], new)
+    return answers
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -325,7 +344,11 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
                    "leak_regex": target.checks.leak_regex},
         "generation": {"max_new_tokens": settings.max_new_tokens if settings else None,
                        "probe_max_new_tokens": PROBE_MAX_NEW_TOKENS, "greedy": True,
-                       "batch_size": batch_size},
+                       "batch_size": batch_size,
+                       "answers_from_cache": {role: r["answers_from_cache"]
+                                              for role, r in results.items()},
+                       "answers_generated": {role: r["answers_generated"]
+                                             for role, r in results.items()}},
         "metrics": metrics,
         "summary": summary,
         "changes": changes,

@@ -23,7 +23,10 @@ def fmt_delta(metric: dict) -> str:
     delta = metric["delta"]
     if delta is None:
         return ""
-    text = f"{delta:+.1%}" if is_percent(metric["name"]) else f"{delta:+.4f}"
+    if is_percent(metric["name"]):
+        text = f"{delta:+.1%}"
+    else:
+        text = f"{delta:+.2f}" if metric["name"] == "eval_perplexity" else f"{delta:+.4f}"
     return text.replace("%", " pp") if is_percent(metric["name"]) else text
 
 

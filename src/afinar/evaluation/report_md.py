@@ -40,5 +40,5 @@ def render_markdown(report: dict) -> str:
     if training:
         lines += ["", f"Training: {training['diagnosis']['message']}."]
     if report["warnings"]:
-        lines += [""] + [f"**warning:** {w}" for w in report["warnings"]]
+        lines += [""] + [f"- **warning:** {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"

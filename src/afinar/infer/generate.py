@@ -53,8 +53,12 @@ class LoadedModel:
         self.encoder = ChatEncoder(tokenizer, self.stop_ids)
         self.name = resolved.spec
 
+    def prompt_ids(self, conversation) -> list[int]:
+        """The token ids the model is given for a conversation (with the generation prompt)."""
+        return self.encoder.prompt_ids(_as_messages(conversation))
+
     def _prompt_batch(self, conversations) -> dict[str, torch.Tensor]:
-        prompts = [self.encoder.prompt_ids(_as_messages(c)) for c in conversations]
+        prompts = [self.prompt_ids(c) for c in conversations]
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
