@@ -58,4 +58,5 @@ def test_demo_teaches_the_format_and_the_report_says_so(tmp_path):
     assert report["regressions"]["summary"]["prompts"] == 24
     assert (run / "report.html").stat().st_size > 10_000
     assert "Format adherence" in done.stdout and "held-out loss" in done.stdout
-    assert open_registry().get(str(run)).metrics["check:format_adherence"] == adherence["model"]
+    with open_registry() as registry:
+        assert registry.get(str(run)).metrics["check:format_adherence"] == adherence["model"]

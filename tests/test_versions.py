@@ -136,8 +136,8 @@ def test_compare_rows_put_evaluation_first(tmp_path):
                                     ("json_checks_pass_rate", [None, 1.0]),
                                     ("best_eval_loss", [0.9, 0.8])]
     assert [metric_direction(n) for n in ("eval_perplexity", "probes_leaks", "check:json_valid",
-                                          "rougeL", "steps")] == [
-        "lower", "lower", "higher", "higher", None]
+                                          "check:no_format_leak", "rougeL", "steps")] == [
+        "lower", "lower", "higher", "higher", "higher", None]
 
 
 def test_cli_list_show_compare_tag(tmp_path):

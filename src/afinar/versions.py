@@ -215,6 +215,8 @@ class Registry:
 def metric_direction(name: str) -> str | None:
     """"lower" or "higher" is better, or None for bookkeeping numbers that are not a score."""
     lowered = name.lower()
+    if lowered.startswith("check:"):  # pass rates, whatever the check's name says
+        return "higher"
     if any(w in lowered for w in _LOWER_WORDS):
         return "lower"
     if lowered in _BOOKKEEPING:

@@ -51,7 +51,8 @@ def test_training_ends_with_a_report_base_vs_tuned(evaluated_run):
 
 def test_the_run_is_in_the_registry_with_its_evaluation(evaluated_run):
     result, folder = evaluated_run
-    version = open_registry().get(str(result.run_dir))
+    with open_registry() as registry:
+        version = registry.get(str(result.run_dir))
     assert version.status == "succeeded"
     assert version.metrics["check:always"] == 1.0 and "eval_loss" in version.metrics
     assert version.data_size == (folder / "small.jsonl").stat().st_size

@@ -108,7 +108,8 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
     if target.run_dir is not None and target.is_default_eval:
         from afinar.versions import open_registry
 
-        open_registry().record_run(target.run_dir)
+        with open_registry() as registry:
+            registry.record_run(target.run_dir)
     emit({"type": "eval_done", "output": str(target.output), "summary": report["summary"]})
     return EvalReport(report, target.output, markdown)
 

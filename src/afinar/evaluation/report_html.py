@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import html
 import re
+from pathlib import Path
 
 from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
 
@@ -35,7 +36,7 @@ pre{white-space:pre-wrap;word-break:break-word;margin:0;font:12.5px/1.4 ui-monos
 ins{background:#d4f4dd;text-decoration:none}del{background:#fbdcd9}
 .chart text{font-size:11px;fill:#5b6472}
 .legend span{display:inline-block;margin-right:16px}
-.fail{color:#b3261e}.pass{color:#12703a}
+.fail{color:#b3261e}.pass{color:#12703a}.rewritten{color:#5b6472}
 """
 
 
@@ -43,11 +44,17 @@ def _e(text) -> str:
     return html.escape("" if text is None else str(text))
 
 
-def word_diff(old: str, new: str) -> str:
-    """`new` with words not in `old` in <ins> and removed words in <del> (escaped HTML)."""
+def word_diff(old: str, new: str, min_overlap: float = 0.4) -> str:
+    """`new` with words not in `old` in <ins> and removed words in <del> (escaped HTML).
+
+    Two unrelated answers make a diff of nothing but strike-through; below `min_overlap` (the
+    matching share of words) the new answer is shown as it is, marked as rewritten."""
     a, b = re.split(r"(\s+)", old), re.split(r"(\s+)", new)
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    if old.strip() and new.strip() and matcher.ratio() < min_overlap:
+        return f"{_e(new)}\n<small class=rewritten>(rewritten: too different to diff)</small>"
     out = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
         if op == "equal":
             out.append(_e("".join(b[j1:j2])))
             continue
@@ -58,7 +65,7 @@ def word_diff(old: str, new: str) -> str:
     return "".join(out)
 
 
-def loss_chart(curves: dict, best_step: int | None, width: int = 760, height: int = 280) -> str:
+def loss_chart(curves: dict, best_step: int | None, width: int = 1000, height: int = 300) -> str:
     """Inline SVG: training loss per step (line), held-out loss per evaluation (line + dots)."""
     train, held = curves.get("train_loss", []), curves.get("eval_loss", [])
     points = train + held
@@ -159,8 +166,10 @@ def _examples_table(report: dict) -> str:
         base = r["baseline"]["answer"] if r["baseline"] else None
         diff = word_diff(base, tuned) if base is not None else _e(tuned)
         rouge = r["model"]["scores"].get("rouge_l")
+        where = Path(r["where"].rsplit(":", 1)[0]).name + ":" + r["where"].rsplit(":", 1)[-1]
         cells = [f"<td class=num>{r['index'] + 1}</td>", f"<td><pre>{_e(prompt)}</pre>"
-                 f"<small>{_e(r['where'])}</small></td>", f"<td><pre>{_e(r['reference'])}</pre></td>"]
+                 f"<small title='{_e(r['where'])}'>{_e(where)}</small></td>",
+                 f"<td><pre>{_e(r['reference'])}</pre></td>"]
         if has_base:
             cells.append(f"<td>{_answer(base)}<div>{_checks_cell(r['baseline']['checks'])}"
                          "</div></td>")
@@ -178,7 +187,7 @@ def _regressions(reg: dict) -> str:
     intro = (f"<p>{s['prompts']} general prompts (arithmetic, translation, facts, instructions; "
              f"Spanish and English) unrelated to the training data. <b>{s['changed']}</b> answers "
              f"changed ({s['changed_wording_only']} only in wording), mean similarity to the base "
-             f"answer {fmt_value('rouge_l', s['mean_similarity'])}. Their checks pass "
+             f"answer (ROUGE-L) {s['mean_similarity']:.2f}. Their checks pass "
              f"<b>{fmt_value('check:', s['model_checks_pass_rate'])}</b> (base "
              f"{fmt_value('check:', s['baseline_checks_pass_rate'])}). Taught format found in "
              f"<b>{s['model_leaks']}</b> answers (base {s['baseline_leaks']})"

@@ -157,7 +157,8 @@ def _register(run: Path, on_event: Event | None) -> None:
     from afinar.versions import open_registry
 
     try:
-        open_registry().record_run(run)
+        with open_registry() as registry:
+            registry.record_run(run)
     except (AfinarError, OSError, sqlite3.Error) as exc:
         if on_event:
             on_event({"type": "log", "level": "warning",
