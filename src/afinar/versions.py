@@ -316,3 +316,18 @@ def _version(row: sqlite3.Row, tags: list[str]) -> Version:
     values["metrics"] = json.loads(values["metrics"] or "{}")
     values["eval_metrics"] = json.loads(values["eval_metrics"] or "[]")
     return Version(id=f"v{row['num']}", tags=tags, **values)
+
+
+def registered_run(ref: str) -> Path | None:
+    """The run directory a version id or tag names (`v3`, `3`, `prod`), or None: lets every
+    command that takes a model also take a registered version."""
+    if "/" in ref or Path(ref).exists() or not (_ID.fullmatch(ref) or _TAG.fullmatch(ref)):
+        return None
+    db_file = afinar_home() / REGISTRY_FILE
+    if not db_file.is_file():
+        return None
+    with open_registry(db_file) as registry:
+        try:
+            return Path(registry.get(ref).path)
+        except AfinarError:
+            return None

@@ -106,3 +106,22 @@ def test_greedy_answers_are_reused_only_for_identical_weights(evaluated_run, tmp
     adapter.touch()
     touched = evaluate(str(result.run_dir), output=str(tmp_path / "touched"), probes=False).data
     assert touched["generation"]["answers_from_cache"]["model"] == 0
+
+
+def test_a_version_id_or_tag_names_its_run_everywhere(evaluated_run, tmp_path):
+    from afinar.models.registry import resolve_model
+
+    result, _ = evaluated_run
+    with open_registry() as registry:
+        version = registry.record_run(result.run_dir)
+        registry.tag(version.id, "tiny-eval-test")
+    resolved = resolve_model("tiny-eval-test", notify=lambda message: None)
+    assert resolved.run_dir.resolve() == result.run_dir.resolve()
+    assert resolve_model(version.id, notify=lambda m: None).adapter is not None
+    cli = CliRunner().invoke(app, ["eval", "tiny-eval-test", "--baseline", version.id,
+                                   "--no-probes", "--output", str(tmp_path / "r")])
+    assert cli.exit_code == 0, cli.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["data"]["examples"] == 8 and report["baseline"]["spec"] == version.id
+    # The same model on both sides: identical answers, no change anywhere.
+    assert report["changes"]["same"] == 8

@@ -118,7 +118,9 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
 
 def _resolve_target(model: str, data: str | None, baseline: str | None, output: str | None,
                     checks: str | None) -> _Target:
-    path = Path(model)
+    from afinar.versions import registered_run
+
+    path = registered_run(model) or Path(model)  # a version id or tag names its run
     config = None
     run_dir = path if rundir.is_run_dir(path) else None
     if run_dir is not None:

@@ -119,6 +119,11 @@ def resolve_model(spec: str, notify: Callable = print) -> ResolvedModel:
                           "directory, a hub id, or one of: " + ", ".join(BASE_MODELS))
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return ResolvedModel(spec, spec, spec)  # a hub id; loading reports if it cannot be reached
+    from afinar.versions import registered_run
+
+    run = registered_run(spec)
+    if run is not None and rundir.is_run_dir(run):  # a version id or tag: `afinar chat prod`
+        return _resolve_run(run, notify)
     raise AfinarError(f"model {spec!r} not found",
-                      "pass a model folder, a .gguf file, a run directory, a hub id, or one of: "
-                      + ", ".join(BASE_MODELS))
+                      "pass a model folder, a .gguf file, a run directory, a hub id, a version "
+                      "id or tag from `afinar models list`, or one of: " + ", ".join(BASE_MODELS))
