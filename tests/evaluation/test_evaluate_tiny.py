@@ -125,3 +125,21 @@ def test_a_version_id_or_tag_names_its_run_everywhere(evaluated_run, tmp_path):
     assert report["data"]["examples"] == 8 and report["baseline"]["spec"] == version.id
     # The same model on both sides: identical answers, no change anywhere.
     assert report["changes"]["same"] == 8
+
+
+def test_changed_training_data_is_flagged(evaluated_run, tmp_path):
+    import shutil
+
+    from afinar.evaluation.evaluator import evaluate
+
+    result, folder = evaluated_run
+    copy = tmp_path / "run"
+    shutil.copytree(result.run_dir, copy)
+    data = tmp_path / "small.jsonl"
+    data.write_text((folder / "small.jsonl").read_text() + (folder / "small.jsonl").read_text()
+                    .splitlines()[0].replace("pedido 0", "pedido 99") + "\n")
+    config = (copy / rundir.CONFIG_FILE).read_text().replace(str(folder / "small.jsonl"),
+                                                             str(data))
+    (copy / rundir.CONFIG_FILE).write_text(config)
+    report = evaluate(str(copy), baseline="none", probes=False).data
+    assert any("changed since this run trained" in w for w in report["warnings"])

@@ -29,6 +29,7 @@ from afinar.evaluation.answer_cache import AnswerCache
 from afinar.evaluation.checks import CheckSet, load_checks, run_check
 from afinar.evaluation.loss import evaluate_loss
 from afinar.evaluation.metrics import REFERENCE_METRICS, score_answer
+from afinar.paths import sha256_file
 
 Event = Callable[[dict], None]
 PROBE_MAX_NEW_TOKENS = 64  # enough to see what changed; the base model can ramble for longer
@@ -58,6 +59,7 @@ class _Target:
     baseline: str | None
     output: Path
     is_default_eval: bool  # a run's own held-out split: the report the registry shows
+    warnings: list[str]
 
 
 def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
@@ -125,6 +127,7 @@ def _resolve_target(model: str, data: str | None, baseline: str | None, output: 
     run_dir = path if rundir.is_run_dir(path) else None
     if run_dir is not None:
         config = load_train_config(run_dir / rundir.CONFIG_FILE, anchor_paths=False)
+    warnings: list[str] = []
     if data:
         report = load_examples(data, for_training=False)
         if not report.ok:
@@ -138,6 +141,11 @@ def _resolve_target(model: str, data: str | None, baseline: str | None, output: 
                             train_report, "pass the held-out file with --data")
         _, examples, how = split_for(config, train_report)
         source = f"held-out part of {config.data} ({how})"
+        trained_on = rundir.read_run_info(run_dir).get("data_sha256")
+        if trained_on and not config.validation_data and trained_on != sha256_file(
+                Path(config.data)):
+            warnings.append(f"{config.data} changed since this run trained on it: the "
+                            "held-out split may now contain examples it was trained on")
     else:
         raise AfinarError(f"{model}: not a run directory, so there is no held-out split to use",
                           "pass the evaluation file with --data FILE")
@@ -160,7 +168,7 @@ def _resolve_target(model: str, data: str | None, baseline: str | None, output: 
     else:
         out = Path(f"eval-{Path(data).stem}-{datetime.now():%Y%m%d-%H%M%S}")
     return _Target(str(model), run_dir, config, examples, source, load_checks(checks_file), base,
-                   out, is_default)
+                   out, is_default, warnings)
 
 
 def _load(spec: str, notify: Callable):
@@ -307,7 +315,7 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         metrics.append({"name": name, "model": value, "baseline": base_value, "delta": delta,
                         "n": n, "better": "lower" if name in LOWER_IS_BETTER else "higher"})
 
-    warnings: list[str] = []
+    warnings: list[str] = list(target.warnings)
     regression = None
     if probes:
         signature = regressions.format_signature(
