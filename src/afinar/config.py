@@ -66,6 +66,8 @@ class TrainConfig(_Strict):
                                    "about 10 evaluations per run.")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps; default: "
                                    "at every evaluation.")
+    keep_checkpoints: int = Field(1, ge=1, description="Resumable step checkpoints kept on disk "
+                                  "(the newest ones); the best one is always kept apart.")
     early_stopping_patience: int | None = Field(
         3, ge=1, description="Stop after this many evaluations without a better held-out loss; "
         "null = never.")

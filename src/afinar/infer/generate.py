@@ -33,12 +33,27 @@ class GenerationSettings:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy, reproducible
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
+    seed: int | None = None  # makes sampling reproducible
 
     def kwargs(self) -> dict:
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
                 "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (budget reached)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 def _as_messages(conversation) -> list[Message]:
@@ -69,48 +84,93 @@ class LoadedModel:
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict:
+        extra = {}
+        if settings.stop:  # stop early on the GPU/CPU side too, not only by cutting the text
+            extra = {"stop_strings": list(settings.stop), "tokenizer": self.tokenizer}
         return {**settings.kwargs(), "eos_token_id": self.stop_ids,
-                "pad_token_id": self.tokenizer.pad_token_id}
+                "pad_token_id": self.tokenizer.pad_token_id, **extra}
+
+    def _completion(self, prompt_len: int, new_ids: torch.Tensor,
+                    settings: GenerationSettings) -> Completion:
+        ids = new_ids.tolist()
+        ended = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+        kept = ids if ended is None else ids[:ended + 1]  # the end-of-turn token counts
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        text, stopped = _cut_at_stop(text, settings.stop)
+        finish = "stop" if ended is not None or stopped or len(kept) < settings.max_new_tokens \
+            else "length"
+        return Completion(text.strip(), prompt_len, len(kept), finish)
 
     @torch.inference_mode()
-    def generate(self, conversations: list, settings: GenerationSettings | None = None,
+    def complete(self, conversations: list, settings: GenerationSettings | None = None,
                  batch_size: int = 8, on_progress: Callable[[int], None] | None = None
-                 ) -> list[str]:
-        """One answer per conversation (lists of messages ending with the user's turn)."""
+                 ) -> list[Completion]:
+        """One completion (text, token counts, finish reason) per conversation."""
         settings = settings or GenerationSettings()
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
         # Longest prompts together: less padding per batch. Results return in input order.
         order = sorted(range(len(conversations)),
                        key=lambda i: -sum(len(m["content"] if isinstance(m, dict) else m.content)
                                           for m in conversations[i]))
-        answers: list[str] = [""] * len(conversations)
+        results: list[Completion | None] = [None] * len(conversations)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = self._prompt_batch([conversations[i] for i in chunk])
             out = self.model.generate(**batch, **self._generate_kwargs(settings))
-            new = out[:, batch["input_ids"].shape[1]:]
-            for i, row in zip(chunk, new):
-                answers[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            width = batch["input_ids"].shape[1]
+            for row, i in enumerate(chunk):
+                prompt_len = int(batch["attention_mask"][row].sum())
+                results[i] = self._completion(prompt_len, out[row, width:], settings)
             if on_progress:
                 on_progress(len(chunk))
-        return answers
+        return results
 
-    def stream(self, conversation, settings: GenerationSettings | None = None) -> Iterator[str]:
-        """Yields the answer's text piece by piece as it is generated."""
+    def generate(self, conversations: list, settings: GenerationSettings | None = None,
+                 batch_size: int = 8, on_progress: Callable[[int], None] | None = None
+                 ) -> list[str]:
+        """One answer per conversation (lists of messages ending with the user's turn)."""
+        return [c.text for c in self.complete(conversations, settings, batch_size, on_progress)]
+
+    def stream(self, conversation, settings: GenerationSettings | None = None,
+               result: dict | None = None) -> Iterator[str]:
+        """Yields the answer's text piece by piece as it is generated; when it ends, `result`
+        (if given) receives the Completion under "completion" (token counts, finish reason)."""
         from transformers import TextIteratorStreamer
 
         settings = settings or GenerationSettings()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)
         batch = self._prompt_batch([conversation])
+        output: dict = {}
         worker = threading.Thread(target=self._generate_into, daemon=True,
-                                  args=(batch, settings, streamer))
+                                  args=(batch, settings, streamer, output))
         worker.start()
-        yield from streamer
+        sent, text, stopped = "", "", False
+        # A stop string may arrive split over pieces: hold back what could be its beginning.
+        hold = max((len(stop) - 1 for stop in settings.stop if stop), default=0)
+        for piece in streamer:
+            text += piece
+            cut, stopped = _cut_at_stop(text, settings.stop)
+            upto = len(cut) if stopped else max(len(sent), len(text) - hold)
+            if upto > len(sent):
+                yield text[len(sent):upto]
+                sent = text[:upto]
+            if stopped:
+                break  # generate() itself stops at the stop string (stop_strings) soon after
+        if not stopped and len(text) > len(sent):
+            yield text[len(sent):]
         worker.join()
+        if result is not None and "ids" in output:
+            width = batch["input_ids"].shape[1]
+            result["completion"] = self._completion(width, output["ids"][0, width:], settings)
 
     @torch.inference_mode()
-    def _generate_into(self, batch, settings, streamer) -> None:
-        self.model.generate(**batch, **self._generate_kwargs(settings), streamer=streamer)
+    def _generate_into(self, batch, settings, streamer, output: dict) -> None:
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        output["ids"] = self.model.generate(**batch, **self._generate_kwargs(settings),
+                                            streamer=streamer)
 
 
 def load(spec: str, device: str = "auto", notify: Callable = print) -> LoadedModel:

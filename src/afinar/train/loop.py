@@ -369,8 +369,10 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
             if main and (state.global_step % save_steps == 0 or stop):
                 state_elapsed = state.elapsed_s
                 state.elapsed_s += time.perf_counter() - run_start
-                ckpt.save_checkpoint(run, state, adapters.trainable_state(model), optimizer,
-                                     scheduler)
+                saved = ckpt.save_checkpoint(run, state, adapters.trainable_state(model),
+                                             optimizer, scheduler, keep=config.keep_checkpoints)
+                emit({"type": "checkpoint", "step": state.global_step, "path": str(saved),
+                      "train_loss": last_train_loss})
                 state.elapsed_s = state_elapsed
             if stop:
                 done = True
