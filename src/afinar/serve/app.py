@@ -1,0 +1,76 @@
+"""The FastAPI application and the worker processes that train its jobs.
+
+    app = create_app(load_serve_settings("serve.yaml"))     # uvicorn.run(app, ...)
+
+On start-up: the state folder and database are opened, jobs still validating are validated
+again, and `concurrent_jobs` worker processes are started (they recover interrupted jobs). On
+shutdown the workers are stopped; a job they were training continues from its last checkpoint
+at the next start.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from afinar.serve import jobs as job_ops
+from afinar.serve.engine import Engine
+from afinar.serve.errors import install_handlers
+from afinar.serve.routers import chat, files, jobs, models
+from afinar.serve.routers.deps import check_api_key
+from afinar.serve.settings import ServeSettings
+from afinar.serve.store import Store
+
+
+def start_workers(settings: ServeSettings, config_path: str | None = None) -> list:
+    import os
+
+    state = settings.state_dir()
+    procs = []
+    for index in range(settings.concurrent_jobs):
+        log = open(state / f"worker-{index}.log", "ab")
+        cmd = [sys.executable, "-m", "afinar.serve.worker", "--state", str(state),
+               "--parent", str(os.getpid())]
+        if config_path:
+            cmd += ["--config", str(config_path)]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop_workers(procs: list, timeout: float = 10) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def create_app(settings: ServeSettings, config_path: str | None = None,
+               workers: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = Store(settings.state_dir())
+        app.state.settings, app.state.store = settings, store
+        app.state.engine = Engine(settings, store)
+        for job in store.jobs_in("validating_files"):
+            threading.Thread(target=job_ops.validate_files, args=(store, job["id"]),
+                             daemon=True).start()
+        procs = start_workers(settings, config_path) if workers else []
+        try:
+            yield
+        finally:
+            stop_workers(procs)
+
+    app = FastAPI(title="afinar", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(check_api_key)],
+                  description="OpenAI-compatible files, fine-tuning jobs, chat and models.")
+    install_handlers(app)
+    for router in (files.router, jobs.router, chat.router, models.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,160 @@
+"""Inference for the server: each base model loaded once, fine-tuned LoRA adapters attached to it
+and switched per request (no reload), with a bounded LRU of loaded adapters.
+
+A model name resolves to (base, adapter source):
+    smollm2-135m-instruct                       a base model (settings.models + the default)
+    ft:BASE:ORG:SUFFIX:ID                       a succeeded job's adapter (RUN/adapter)
+    ft:BASE:ORG:SUFFIX:ID:ckpt-step-N           a checkpoint of a job (its saved LoRA tensors)
+
+One generation runs at a time per engine (a lock): CPU generation already uses every core, and
+peft's active adapter is state of the shared model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from afinar import rundir
+from afinar.serve.errors import ApiError
+from afinar.serve.settings import ServeSettings
+from afinar.serve.store import Store
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    base_spec: str
+    adapter_kind: str | None = None  # None (base), "final" or "checkpoint"
+    source: str | None = None  # run directory, or checkpoint folder
+    tokenizer_dir: str | None = None
+
+
+class Engine:
+    def __init__(self, settings: ServeSettings, store: Store):
+        self.settings, self.store = settings, store
+        self.lock = threading.Lock()
+        self._bases: dict[str, object] = {}  # base spec -> LoadedModel (model is a PeftModel
+        # once an adapter is attached)
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # model name -> adapter name
+        self._tokenizers: dict[str, object] = {}
+
+    # --- names ------------------------------------------------------------------------------
+    def resolve(self, name: str) -> ModelRef:
+        bases = self.settings.base_models()
+        if name in bases:
+            return ModelRef(name, bases[name])
+        job = self.store.job_by_model(name)
+        if job is not None:
+            run = Path(job["run_dir"])
+            return ModelRef(name, job["base_spec"], "final", str(run),
+                            str(run / rundir.TOKENIZER_DIR))
+        checkpoint = self.store.checkpoint_by_model(name)
+        if checkpoint is not None:
+            job = self.store.job(checkpoint["job_id"])
+            run = Path(job["run_dir"])
+            return ModelRef(name, job["base_spec"], "checkpoint", checkpoint["path"],
+                            str(run / rundir.TOKENIZER_DIR))
+        raise ApiError(404, f"The model '{name}' does not exist or you do not have access to "
+                       "it.", param="model", code="model_not_found")
+
+    # --- loading ----------------------------------------------------------------------------
+    def _base(self, spec: str):
+        if spec not in self._bases:
+            from afinar.infer.generate import load
+
+            self._bases[spec] = load(spec, notify=lambda message: None)
+        return self._bases[spec]
+
+    def _attach(self, loaded, ref: ModelRef) -> str:
+        """Loads the adapter of `ref` into the base's PeftModel (once); returns its name."""
+        from peft import LoraConfig, PeftModel
+
+        if ref.name in self._adapters:
+            self._adapters.move_to_end(ref.name)
+            return self._adapters[ref.name]
+        adapter_name = f"a{abs(hash(ref.name)) % 10**12}"
+        if ref.adapter_kind == "final":
+            folder = Path(ref.source) / rundir.ADAPTER_DIR
+            if not folder.is_dir():
+                raise ApiError(404, f"The model '{ref.name}' has no adapter on disk (full "
+                               "fine-tunes are not served yet).", param="model",
+                               code="model_not_found")
+            if isinstance(loaded.model, PeftModel):
+                loaded.model.load_adapter(str(folder), adapter_name=adapter_name)
+            else:
+                loaded.model = PeftModel.from_pretrained(loaded.model, str(folder),
+                                                         adapter_name=adapter_name)
+        else:  # a step checkpoint: the LoRA tensors saved by training, under our name
+            run = Path(ref.source).parents[1]
+            config_dir = next((d for d in (run / rundir.ADAPTER_DIR,
+                                           run / rundir.CHECKPOINTS_DIR / "best")
+                               if (d / "adapter_config.json").is_file()), None)
+            if config_dir is None:
+                raise ApiError(404, f"The checkpoint '{ref.name}' is not available yet.",
+                               param="model", code="model_not_found")
+            config = LoraConfig.from_pretrained(str(config_dir))
+            if isinstance(loaded.model, PeftModel):
+                loaded.model.add_adapter(adapter_name, config)
+            else:
+                loaded.model = PeftModel(loaded.model, config, adapter_name=adapter_name)
+            payload = torch.load(Path(ref.source) / "state.pt", map_location="cpu",
+                                 weights_only=False)
+            state = {k.replace(".default.", f".{adapter_name}."): v
+                     for k, v in payload["trainable"].items()}
+            loaded.model.load_state_dict(state, strict=False)
+        loaded.model.eval()
+        self._adapters[ref.name] = adapter_name
+        while len(self._adapters) > self.settings.adapter_cache:
+            _, old = self._adapters.popitem(last=False)
+            loaded.model.delete_adapter(old)
+        return adapter_name
+
+    @contextmanager
+    def use(self, name: str):
+        """The LoadedModel for `name`, with its adapter active, held for one generation."""
+        ref = self.resolve(name)
+        with self.lock:
+            loaded = self._base(ref.base_spec)
+            if ref.adapter_kind is None:
+                disable = getattr(loaded.model, "disable_adapter", None)
+                with (disable() if disable else nullcontext()):
+                    yield loaded
+                return
+            adapter = self._attach(loaded, ref)
+            loaded.model.set_adapter(adapter)
+            tokenizer = self._tokenizer_for(ref, loaded)
+            yield _with_tokenizer(loaded, tokenizer)
+
+    def _tokenizer_for(self, ref: ModelRef, loaded):
+        """A run's own tokenizer (its chat template is the one it trained with)."""
+        if not ref.tokenizer_dir or not Path(ref.tokenizer_dir).is_dir():
+            return loaded.tokenizer
+        if ref.tokenizer_dir not in self._tokenizers:
+            from afinar.models.load import load_tokenizer
+
+            self._tokenizers[ref.tokenizer_dir] = load_tokenizer(ref.tokenizer_dir)
+        return self._tokenizers[ref.tokenizer_dir]
+
+    def forget(self, name: str) -> None:
+        """Drops a deleted model's adapter from memory."""
+        with self.lock:
+            adapter = self._adapters.pop(name, None)
+            if adapter is None:
+                return
+            for loaded in self._bases.values():
+                if adapter in getattr(loaded.model, "peft_config", {}):
+                    loaded.model.delete_adapter(adapter)
+
+
+def _with_tokenizer(loaded, tokenizer):
+    if tokenizer is loaded.tokenizer:
+        return loaded
+    from afinar.infer.generate import LoadedModel
+
+    return LoadedModel(loaded.model, tokenizer, loaded.resolved, loaded.device)

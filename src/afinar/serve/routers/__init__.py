@@ -1,0 +1,1 @@
+"""One router per OpenAI resource: files, fine-tuning jobs, chat completions, models."""

@@ -1,0 +1,91 @@
+"""/v1/files: upload (multipart), list, retrieve, delete, content."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import PurePath
+from typing import Literal, Optional
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from afinar.serve.errors import ApiError, not_found
+from afinar.serve.ids import new_id
+from afinar.serve.routers.deps import get_settings, get_store
+from afinar.serve.schemas import file_object, page
+from afinar.serve.settings import ServeSettings
+from afinar.serve.store import Store
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+PURPOSES = ("fine-tune", "fine-tune-results", "assistants", "batch", "user_data", "evals",
+            "vision")
+_CHUNK = 1 << 20
+
+
+def _display_name(name: str | None) -> str:
+    # Only the last path component, as data: a name never becomes a path on our side.
+    base = PurePath((name or "upload.jsonl").replace("\\", "/")).name
+    return "".join(ch for ch in base if ch.isprintable())[:255] or "upload.jsonl"
+
+
+@router.post("")
+async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...),
+                 store: Store = Depends(get_store),
+                 settings: ServeSettings = Depends(get_settings)):
+    if purpose not in PURPOSES or purpose == "fine-tune-results":
+        raise ApiError(400, f"'{purpose}' is not a valid purpose; use 'fine-tune'.",
+                       param="purpose")
+    limit = settings.max_upload_bytes
+    file_id = new_id("file-")
+    dest = store.file_path(file_id)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=dest.parent)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := await file.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"File is too large: the limit is {settings.max_upload_mb:g}"
+                                   " MB (max_upload_mb in the server settings).", param="file",
+                                   code="file_too_large")
+                out.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return file_object(store.add_file(file_id, _display_name(file.filename), size, purpose))
+
+
+@router.get("")
+def list_files(purpose: Optional[str] = None, limit: int = Query(10000, ge=1, le=10000),
+               after: Optional[str] = None, order: Literal["asc", "desc"] = "desc",
+               store: Store = Depends(get_store)):
+    rows = store.files(purpose, after, limit + 1, order)
+    return page([file_object(r) for r in rows[:limit]], len(rows) > limit)
+
+
+def _file(store: Store, file_id: str) -> dict:
+    row = store.file(file_id)
+    if row is None:
+        raise not_found("file", file_id, "file_id")
+    return row
+
+
+@router.get("/{file_id}")
+def retrieve(file_id: str, store: Store = Depends(get_store)):
+    return file_object(_file(store, file_id))
+
+
+@router.delete("/{file_id}")
+def delete(file_id: str, store: Store = Depends(get_store)):
+    _file(store, file_id)
+    store.delete_file(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.get("/{file_id}/content")
+def content(file_id: str, store: Store = Depends(get_store)):
+    row = _file(store, file_id)
+    media = "text/csv" if row["filename"].endswith(".csv") else "application/octet-stream"
+    return FileResponse(store.file_path(file_id), media_type=media, filename=row["filename"])

@@ -1,0 +1,78 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
+
+from afinar.serve import jobs as job_ops
+from afinar.serve.routers.deps import get_settings, get_store
+from afinar.serve.schemas import JobCreate, checkpoint_object, event_object, job_object, page
+from afinar.serve.settings import ServeSettings
+from afinar.serve.store import Store
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("")
+def create(body: JobCreate, background: BackgroundTasks, store: Store = Depends(get_store),
+           settings: ServeSettings = Depends(get_settings)):
+    job = job_ops.create_job(store, settings, body)
+    # Validation reads the whole file: after the response, like OpenAI's validating_files.
+    background.add_task(job_ops.validate_files, store, job["id"])
+    return job_object(job, settings.organization)
+
+
+@router.get("")
+def list_jobs(request: Request, after: Optional[str] = None,
+              limit: int = Query(20, ge=1, le=100), store: Store = Depends(get_store),
+              settings: ServeSettings = Depends(get_settings)):
+    # metadata[key]=value filters, as OpenAI's list accepts them.
+    metadata = {k[9:-1]: v for k, v in request.query_params.items()
+                if k.startswith("metadata[") and k.endswith("]")}
+    rows = store.jobs(after, limit + 1, metadata or None)
+    return page([job_object(r, settings.organization) for r in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/{job_id}")
+def retrieve(job_id: str, store: Store = Depends(get_store),
+             settings: ServeSettings = Depends(get_settings)):
+    return job_object(job_ops.get_job(store, job_id), settings.organization)
+
+
+@router.post("/{job_id}/cancel")
+def cancel(job_id: str, store: Store = Depends(get_store),
+           settings: ServeSettings = Depends(get_settings)):
+    return job_object(job_ops.cancel_job(store, job_id), settings.organization)
+
+
+@router.post("/{job_id}/pause")
+def pause(job_id: str, store: Store = Depends(get_store),
+          settings: ServeSettings = Depends(get_settings)):
+    return job_object(job_ops.pause_job(store, job_id), settings.organization)
+
+
+@router.post("/{job_id}/resume")
+def resume(job_id: str, store: Store = Depends(get_store),
+           settings: ServeSettings = Depends(get_settings)):
+    return job_object(job_ops.resume_job(store, job_id), settings.organization)
+
+
+@router.get("/{job_id}/events")
+def events(job_id: str, after: Optional[str] = None, limit: int = Query(20, ge=1, le=1000),
+           store: Store = Depends(get_store)):
+    job_ops.get_job(store, job_id)
+    rows = store.events(job_id, after, limit + 1)
+    return page([event_object(r) for r in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/{job_id}/checkpoints")
+def checkpoints(job_id: str, after: Optional[str] = None, limit: int = Query(10, ge=1, le=100),
+                store: Store = Depends(get_store)):
+    job_ops.get_job(store, job_id)
+    rows = store.checkpoints(job_id)
+    if after:
+        ids = [r["id"] for r in rows]
+        rows = rows[ids.index(after) + 1:] if after in ids else []
+    return page([checkpoint_object(r) for r in rows[:limit]], len(rows) > limit)

@@ -1,0 +1,191 @@
+"""The job worker: a process of its own that trains queued jobs one at a time.
+
+    python -m afinar.serve.worker --state STATE_DIR [--config serve.yaml] [--parent PID]
+
+`afinar serve` starts `concurrent_jobs` of them and the web process stays responsive while they
+train. Each calls the same `train()` (and so the same end-of-run evaluation) as `afinar train`.
+On start, a worker recovers jobs whose worker died: a running job continues from its last
+checkpoint, or fails with the reason when it had none; nothing stays 'running' forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import traceback
+from pathlib import Path
+
+from afinar import rundir
+from afinar.errors import AfinarError
+from afinar.serve import jobs as job_ops
+from afinar.serve.ids import new_id, now
+from afinar.serve.settings import ServeSettings, load_serve_settings
+from afinar.serve.store import Store
+from afinar.train import state as ckpt
+
+POLL_SECONDS = 0.5
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised from the training callback to cancel or pause a job; a KeyboardInterrupt so the
+    run is recorded as interrupted (and resumable), not failed."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(store: Store) -> None:
+    """Jobs left 'running' by a worker that is gone (server killed or restarted)."""
+    for job in store.jobs_in("running"):
+        if _alive(job["worker_pid"]) and job["worker_pid"] != os.getpid():
+            continue
+        has_checkpoint = ckpt.latest_checkpoint(Path(job["run_dir"])) is not None
+        if job["requested"] == "cancel":
+            store.update_job(job["id"], status="cancelled", finished_at=now(), requested=None)
+        elif has_checkpoint:
+            store.update_job(job["id"], when_status=("running",), status="queued", resume=1,
+                             worker_pid=None)
+            store.add_event(job["id"], "The server restarted while this job was running; it "
+                            "continues from its last checkpoint", level="warn")
+        else:
+            message = ("The server stopped before this job saved its first checkpoint, so it "
+                       "cannot be resumed; create the job again")
+            store.update_job(job["id"], status="failed", finished_at=now(), worker_pid=None,
+                             error={"code": "server_restarted", "message": message,
+                                    "param": None})
+            store.add_event(job["id"], message, level="error")
+
+
+class _JobEvents:
+    """Turns training events into job events, checkpoints and progress; raises StopRequested
+    when a cancel or pause was asked for."""
+
+    def __init__(self, store: Store, job: dict, config):
+        self.store, self.job, self.config = store, job, config
+        self.last_eval: dict = {}
+        self.last_check = 0.0
+
+    def __call__(self, event: dict) -> None:
+        kind, job_id = event["type"], self.job["id"]
+        if kind == "start":
+            self.store.update_job(job_id, hyperparameters=job_ops.resolved_hyperparameters(
+                event, self.config))
+            self.store.add_event(job_id, f"Fine-tuning job started: {event['total_steps']} "
+                                 f"steps, {event['train_examples']} training examples, "
+                                 f"{event['held_out_examples']} held out")
+        elif kind == "step":
+            data = {"step": event["step"], "train_loss": event["train_loss"],
+                    "train_mean_token_accuracy": event["train_token_accuracy"],
+                    "total_steps": event["total_steps"]}
+            self.store.add_event(job_id, f"Step {event['step']}/{event['total_steps']}: "
+                                 f"training loss={event['train_loss']:.4f}", type="metrics",
+                                 data=data)
+            self.store.update_job(job_id, estimated_finish=now() + int(event["eta_s"]))
+        elif kind == "eval":
+            self.last_eval = {"valid_loss": event["eval_loss"],
+                              "valid_mean_token_accuracy": event["eval_token_accuracy"]}
+            self.store.add_event(job_id, f"Step {event['step']}: validation loss="
+                                 f"{event['eval_loss']:.4f}", type="metrics",
+                                 data={"step": event["step"], **self.last_eval,
+                                       "full_valid_loss": event["eval_loss"],
+                                       "full_valid_mean_token_accuracy":
+                                           event["eval_token_accuracy"]})
+        elif kind == "checkpoint":
+            name = f"{self.job['model_name']}:ckpt-step-{event['step']}"
+            metrics = {"step": event["step"], "train_loss": event["train_loss"],
+                       **self.last_eval}
+            self.store.add_checkpoint(job_id, event["step"], metrics, name, event["path"])
+        elif kind == "log":
+            level = {"warning": "warn", "error": "error"}.get(event["level"], "info")
+            self.store.add_event(job_id, event["message"], level=level)
+        elif kind == "eval_phase":
+            self.store.add_event(job_id, "Evaluation: " + event["message"])
+        self._check_requests()
+
+    def _check_requests(self) -> None:
+        if time.monotonic() - self.last_check < 0.5:
+            return
+        self.last_check = time.monotonic()
+        row = self.store.job(self.job["id"])
+        if row and row["requested"] in ("cancel", "pause"):
+            raise StopRequested(row["requested"])
+
+
+def run_job(store: Store, settings: ServeSettings, job: dict) -> None:
+    from afinar.train.loop import train
+
+    job_id = job["id"]
+    resume = bool(job["resume"]) and ckpt.latest_checkpoint(Path(job["run_dir"])) is not None
+    try:
+        config = job_ops.train_config(store, settings, job)
+        store.update_job(job_id, resume=0)
+        result = train(config, on_event=_JobEvents(store, job, config), resume=resume)
+    except StopRequested as stop:
+        if stop.kind == "pause":
+            store.update_job(job_id, status="paused", requested=None, estimated_finish=None)
+            store.add_event(job_id, "Fine-tuning job paused; resume continues from the last "
+                            "checkpoint")
+        else:
+            store.update_job(job_id, status="cancelled", requested=None, finished_at=now(),
+                             estimated_finish=None)
+            store.add_event(job_id, "Fine-tuning job cancelled")
+        return
+    except AfinarError as exc:
+        job_ops._fail(store, job_id, "training_failed", exc.message +
+                      (f" ({exc.hint})" if exc.hint else ""))
+        return
+    except Exception as exc:  # a bug: the job fails with its reason, the worker lives on
+        traceback.print_exc()
+        job_ops._fail(store, job_id, "server_error", f"{exc.__class__.__name__}: {exc}")
+        return
+    results_id = new_id("file-")
+    text = job_ops.results_csv(result.run_dir)
+    rundir.write_text_atomic(store.file_path(results_id), text)
+    store.add_file(results_id, "step_metrics.csv", len(text.encode()), "fine-tune-results")
+    info = rundir.read_run_info(result.run_dir)
+    store.update_job(job_id, status="succeeded", finished_at=now(), estimated_finish=None,
+                     fine_tuned_model=job["model_name"], result_files=[results_id],
+                     trained_tokens=int(info.get("summary", {}).get("tokens_seen") or 0))
+    store.add_event(job_id, f"New fine-tuned model created: {job['model_name']}")
+    store.add_event(job_id, "The job has successfully completed")
+
+
+def serve_forever(store: Store, settings: ServeSettings, parent: int | None = None) -> None:
+    recover(store)
+    while True:
+        if parent and not _alive(parent):
+            return  # the web process is gone: so are we
+        job = store.claim_job(os.getpid())
+        if job is None:
+            time.sleep(POLL_SECONDS)
+            continue
+        store.add_event(job["id"], "Fine-tuning job running")
+        run_job(store, settings, job)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="afinar's fine-tuning job worker")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--state", default=None)
+    parser.add_argument("--parent", type=int, default=None)
+    args = parser.parse_args()
+    settings = load_serve_settings(args.config, home=args.state)
+    serve_forever(Store(settings.state_dir()), settings, args.parent)
+
+
+if __name__ == "__main__":
+    main()
