@@ -15,15 +15,18 @@ import sys
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from afinar.serve import jobs as job_ops
 from afinar.serve.engine import Engine
-from afinar.serve.errors import install_handlers
+from afinar.serve.errors import envelope, install_handlers
 from afinar.serve.routers import chat, files, jobs, models
 from afinar.serve.routers.deps import check_api_key
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
+
+
+_FORM_SLACK = 64 * 1024  # multipart boundaries and the other form fields
 
 
 def start_workers(settings: ServeSettings, config_path: str | None = None) -> list:
@@ -71,6 +74,19 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
                   dependencies=[Depends(check_api_key)],
                   description="OpenAI-compatible files, fine-tuning jobs, chat and models.")
     install_handlers(app)
+
+    @app.middleware("http")
+    async def _upload_size(request: Request, call_next):
+        # Refuse an oversized upload from its Content-Length, before its body is read and
+        # spooled to disk; the files router counts the bytes too (chunked uploads have none).
+        length = request.headers.get("content-length", "")
+        if (request.method == "POST" and request.url.path.rstrip("/") == "/v1/files"
+                and length.isdigit() and int(length) > settings.max_upload_bytes + _FORM_SLACK):
+            return envelope(413, f"File is too large: the limit is {settings.max_upload_mb:g} "
+                            "MB (max_upload_mb in the server settings).", param="file",
+                            code="file_too_large")
+        return await call_next(request)
+
     for router in (files.router, jobs.router, chat.router, models.router):
         app.include_router(router)
     return app

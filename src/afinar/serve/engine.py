@@ -7,13 +7,17 @@ A model name resolves to (base, adapter source):
     ft:BASE:ORG:SUFFIX:ID:ckpt-step-N           a checkpoint of a job (its saved LoRA tensors)
 
 One generation runs at a time per engine (a lock): CPU generation already uses every core, and
-peft's active adapter is state of the shared model.
+peft's active adapter is state of the shared model. Non-streaming requests that arrive together
+for the same model with the same settings are answered as one batch (`complete`): decoding is
+bound by reading the weights, so a batch of 8 costs little more than one answer.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,45 @@ class Engine:
         # once an adapter is attached)
         self._adapters: OrderedDict[str, str] = OrderedDict()  # model name -> adapter name
         self._tokenizers: dict[str, object] = {}
+        self._pending: queue.Queue = queue.Queue()
+        self._batcher = threading.Thread(target=self._batch_loop, daemon=True)
+        self._batcher.start()
+
+    # --- batched completions ------------------------------------------------------------------
+    MAX_BATCH = 16
+
+    def complete(self, name: str, conversation: list[dict], settings):
+        """One completion; waits while requests that arrived together are batched."""
+        self.resolve(name)  # unknown names fail here, not in the batch thread
+        future: Future = Future()
+        self._pending.put((name, conversation, settings, future))
+        return future.result()
+
+    def _batch_loop(self) -> None:
+        while True:
+            first = self._pending.get()
+            group, rest = [first], []
+            key = (first[0], repr(first[2]))
+            # Sampling with a seed is reproducible only alone: such requests are not batched.
+            batchable = first[2].seed is None or first[2].temperature <= 0
+            while batchable and len(group) < self.MAX_BATCH:
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                (group if (item[0], repr(item[2])) == key else rest).append(item)
+            for item in rest:
+                self._pending.put(item)
+            try:
+                with self.use(first[0]) as loaded:
+                    results = loaded.complete([g[1] for g in group], first[2],
+                                              batch_size=len(group))
+                for item, result in zip(group, results):
+                    item[3].set_result(result)
+            except BaseException as exc:  # delivered to every waiting request
+                for item in group:
+                    if not item[3].done():
+                        item[3].set_exception(exc)
 
     # --- names ------------------------------------------------------------------------------
     def resolve(self, name: str) -> ModelRef:

@@ -73,11 +73,7 @@ async def completions(body: ChatRequest, engine: Engine = Depends(get_engine)):
                                          created, include_usage),
                                  media_type="text/event-stream")
 
-    def run():
-        with engine.use(body.model) as loaded:
-            return loaded.complete([conversation], settings, batch_size=1)[0]
-
-    completion = await run_in_threadpool(run)
+    completion = await run_in_threadpool(engine.complete, body.model, conversation, settings)
     return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant",
