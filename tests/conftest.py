@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The serve tests' fixtures (`server`, `client`) live in tests/serving.py.
+pytest_plugins = ["serving"]
 BUNDLED = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
 
 # The embedded model's converted copy is cached here across local runs (CI converts it once).

@@ -48,11 +48,13 @@ class Server:
     port: int
     proc: subprocess.Popen | None = None
 
-    def start(self, env: dict | None = None, timeout: float = 60) -> "Server":
+    def start(self, env: dict | None = None, timeout: float = 60,
+              args: tuple[str, ...] = ()) -> "Server":
         log = open(self.folder / "server.log", "ab")
-        environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        environ = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen([AFINAR, "serve", "--config", str(self.config), "--port",
-                                      str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+                                      str(self.port), *args], stdout=log,
+                                     stderr=subprocess.STDOUT,
                                      env=environ, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

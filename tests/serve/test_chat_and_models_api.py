@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from conftest import write_jsonl
-from serving import chat_records, client, make_server, raw, server, wait_for  # noqa: F401
+from serving import chat_records, make_server, raw, wait_for
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
 
@@ -145,3 +145,13 @@ def test_concurrent_chats_while_a_job_trains(client, tmp_path):
     assert client.fine_tuning.jobs.retrieve(job.id).status in ("running", "succeeded")
     client.fine_tuning.jobs.cancel(job.id)
     assert wait_for(client, job.id).status in ("cancelled", "succeeded")
+
+
+def test_without_keys_the_server_stays_on_loopback(tmp_path, tiny_model_dir):
+    srv = make_server(tmp_path / "open", tiny_model_dir).start(args=("--host", "0.0.0.0"))
+    try:
+        log = " ".join((srv.folder / "server.log").read_text().split())
+        assert "listening on 127.0.0.1 only" in log
+        assert [m.id for m in srv.client().models.list()]  # reachable on 127.0.0.1
+    finally:
+        srv.stop()

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from conftest import write_jsonl
-from serving import chat_records, client, raw, server  # noqa: F401 (fixtures)
+from serving import chat_records, raw
 
 
 def test_upload_list_retrieve_content_delete(client, tmp_path):

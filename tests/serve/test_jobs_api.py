@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from conftest import write_jsonl
-from serving import chat_records, client, server, wait_for  # noqa: F401 (fixtures)
+from serving import chat_records, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -89,22 +89,23 @@ def validate_files(store: Store, job_id: str) -> None:
             continue
         row = store.file(file_id)
         if row is None:
-            return _fail(store, job_id, "invalid_file", f"The {param} '{file_id}' was deleted.",
-                         param)
+            return fail_job(store, job_id, "invalid_file",
+                            f"The {param} '{file_id}' was deleted.", param)
         report = load_examples(store.file_path(file_id), for_training=param == "training_file")
         if report.errors:
             shown = "; ".join(
                 f"line {i.line}: {i.field + ': ' if i.field else ''}{i.message}"
                 for i in report.errors[:5])
             more = f" (and {len(report.errors) - 5} more)" if len(report.errors) > 5 else ""
-            return _fail(store, job_id, f"invalid_{param}",
-                         f"The job failed due to an invalid {param.replace('_', ' ')} "
-                         f"'{file_id}' ({row['filename']}): {shown}{more}.", param)
+            return fail_job(store, job_id, f"invalid_{param}",
+                            f"The job failed due to an invalid {param.replace('_', ' ')} "
+                            f"'{file_id}' ({row['filename']}): {shown}{more}.", param)
     if store.update_job(job_id, when_status=("validating_files",), status="queued"):
         store.add_event(job_id, "Files validated, moving job to queued state")
 
 
-def _fail(store: Store, job_id: str, code: str, message: str, param: str | None = None) -> None:
+def fail_job(store: Store, job_id: str, code: str, message: str,
+             param: str | None = None) -> None:
     store.update_job(job_id, status="failed", finished_at=now(),
                      error={"code": code, "message": message, "param": param})
     store.add_event(job_id, message, level="error")

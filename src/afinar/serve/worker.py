@@ -145,12 +145,12 @@ def run_job(store: Store, settings: ServeSettings, job: dict) -> None:
             store.add_event(job_id, "Fine-tuning job cancelled")
         return
     except AfinarError as exc:
-        job_ops._fail(store, job_id, "training_failed", exc.message +
+        job_ops.fail_job(store, job_id, "training_failed", exc.message +
                       (f" ({exc.hint})" if exc.hint else ""))
         return
     except Exception as exc:  # a bug: the job fails with its reason, the worker lives on
         traceback.print_exc()
-        job_ops._fail(store, job_id, "server_error", f"{exc.__class__.__name__}: {exc}")
+        job_ops.fail_job(store, job_id, "server_error", f"{exc.__class__.__name__}: {exc}")
         return
     results_id = new_id("file-")
     text = job_ops.results_csv(result.run_dir)

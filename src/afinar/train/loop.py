@@ -29,7 +29,7 @@ from afinar import rundir
 from afinar.config import TrainConfig, auto_epochs, dump_config
 from afinar.data.batching import collate, plan_batches
 from afinar.data.prepare import PreparedData, prepare_data
-from afinar.data.tokenize import IGNORE, ChatEncoder, Tokenized
+from afinar.data.tokenize import IGNORE, ChatEncoder
 from afinar.errors import AfinarError
 from afinar.evaluation.loss import evaluate_loss
 from afinar.models import adapters
