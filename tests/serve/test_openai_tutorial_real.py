@@ -16,7 +16,10 @@ DATA = Path(__file__).resolve().parents[2] / "examples" / "soporte-triaje" / "da
 SYSTEM = "Eres el asistente de soporte de Ferrolux, una tienda online de electrodomésticos."
 TICKETS = ["Pagué el pedido 4471 dos veces y quiero que me devuelvan uno de los cargos.",
            "La lavadora que me llegó ayer no enciende, ¿qué hago?",
-           "No puedo entrar en mi cuenta, dice que la contraseña es incorrecta."]
+           "No puedo entrar en mi cuenta, dice que la contraseña es incorrecta.",
+           "Mi pedido 5520 lleva diez días en tránsito y no llega.",
+           "Quiero devolver la cafetera que compré la semana pasada, no me gusta.",
+           "La factura del pedido 3390 tiene mal mi dirección fiscal."]
 FORMAT = re.compile(r"Categoría: \S+\nPrioridad: \S+\nRespuesta: .+", re.S)
 
 
@@ -60,9 +63,16 @@ def test_openai_tutorial_code_against_afinar(tmp_path, tiny_model_dir):
 
         assert job.status == "succeeded", job.error
         assert job.fine_tuned_model.startswith("ft:smollm2-135m-instruct:afinar::")
-        # Sampled at OpenAI's default temperature 1, the tuned model still answers in the
-        # taught format (greedy: 18 of 19 held-out tickets in the demo).
-        assert sum(bool(FORMAT.fullmatch(a.strip())) for a in answers) >= 2, answers
+        # The guide's call samples at OpenAI's default temperature 1; a 135M model then keeps
+        # the taught format in some answers, not all (measured: 1 of 3 exactly, 2 of 3 with its
+        # labels; six tickets make "none at all" unlikely). Greedy, it answers in the format
+        # (the demo: 18 of 19 held-out tickets).
+        assert any("Categoría:" in a for a in answers), answers
+        greedy = [client.chat.completions.create(
+            model=job.fine_tuned_model, temperature=0, max_tokens=120,
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}]
+        ).choices[0].message.content for t in TICKETS]
+        assert sum(bool(FORMAT.fullmatch(a.strip())) for a in greedy) >= 4, greedy
         base = client.chat.completions.create(
             model="smollm2-135m-instruct", temperature=0, max_tokens=60,
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user",
