@@ -5,7 +5,6 @@ No command holds logic of its own: the server and the Python API call the same f
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from afinar.cli_models import models_app
-from afinar.console import TrainProgress, console, out, print_error, print_issues
+from afinar.console import TrainProgress, console, out, print_issues, user_errors
 from afinar.errors import AfinarError
 from afinar.models.registry import DEFAULT_MODEL
 
@@ -38,29 +37,12 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _user_errors(func):
-    """User mistakes print one clear message and exit 1; bugs keep their traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except AfinarError as exc:
-            print_error(exc)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
 def _notify(message: str) -> None:
     console.print(f"[dim]{message}[/]")
 
 
 @app.command()
-@_user_errors
+@user_errors
 def validate(
     path: Path = typer.Argument(..., help="Data file (.jsonl)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model whose tokenizer counts the tokens."),
@@ -123,7 +105,7 @@ def _print_data_report(report) -> None:
 
 
 @app.command()
-@_user_errors
+@user_errors
 def train(
     data: Optional[str] = typer.Option(None, help="Training data (.jsonl)."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default {DEFAULT_MODEL})."),
@@ -199,7 +181,7 @@ def _settings(max_tokens: int, temperature: float, top_p: float):
 
 
 @app.command()
-@_user_errors
+@user_errors
 def chat(
     model: str = typer.Argument(DEFAULT_MODEL, help="Model name/path or a run directory."),
     system: Optional[str] = typer.Option(None, help="System message for the conversation."),
@@ -238,7 +220,7 @@ def chat(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def generate(
     model: str = typer.Argument(..., help="Model name/path or a run directory."),
     input: Path = typer.Option(..., "--input", "-i", help="Conversations (.jsonl)."),
@@ -264,7 +246,7 @@ def generate(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def demo(
     output: Optional[str] = typer.Option(None, help="Run directory (default runs/demo-<time>)."),
     set_: List[str] = typer.Option([], "--set", help="Override a training setting."),
@@ -300,7 +282,7 @@ def demo(
 
 
 @app.command("eval")
-@_user_errors
+@user_errors
 def eval_(
     model: str = typer.Argument(..., help="A run directory, or any model name/path."),
     data: Optional[str] = typer.Option(None, help="Held-out data (.jsonl); default: a run's "
@@ -335,7 +317,7 @@ def eval_(
 
 
 @app.command()
-@_user_errors
+@user_errors
 def serve(
     host: Optional[str] = typer.Option(None, help="Interface (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),

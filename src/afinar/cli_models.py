@@ -7,7 +7,6 @@ what afinar.versions returns.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 from datetime import datetime
@@ -19,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from afinar import rundir
-from afinar.console import console, out, print_error
+from afinar.console import out, user_errors
 from afinar.errors import AfinarError
 from afinar.versions import Version, compare_rows, metric_direction, open_registry
 
@@ -30,25 +29,8 @@ _KEY_SUFFIXES = ("adherence", "checks_pass_rate")
 _MAX_KEY_COLUMNS = 3
 
 
-def _user_errors(func):
-    """Same as cli.py's: importing it from there would be circular (cli.py imports us)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except AfinarError as exc:
-            print_error(exc)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
 @models_app.command("list")
-@_user_errors
+@user_errors
 def list_versions():
     """Every registered version, newest first, with its key metrics."""
     with open_registry() as reg:
@@ -71,7 +53,7 @@ def list_versions():
 
 
 @models_app.command()
-@_user_errors
+@user_errors
 def show(ref: str = typer.Argument(..., help="Version id (v3 or 3), tag, or run directory."),
          as_json: bool = typer.Option(False, "--json", help="Print the version as JSON.")):
     """Everything recorded about one version: data, timings, metrics, config."""
@@ -100,7 +82,7 @@ def show(ref: str = typer.Argument(..., help="Version id (v3 or 3), tag, or run 
 
 
 @models_app.command()
-@_user_errors
+@user_errors
 def compare(refs: List[str] = typer.Argument(..., help="Two or more versions (id, tag, path)."),
             as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")):
     """Metrics of several versions side by side; the best value of each row in green."""
@@ -127,7 +109,7 @@ def compare(refs: List[str] = typer.Argument(..., help="Two or more versions (id
 
 
 @models_app.command("rm")
-@_user_errors
+@user_errors
 def remove(ref: str = typer.Argument(..., help="Version id (v3 or 3), tag, or run directory."),
            yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking."),
            keep_files: bool = typer.Option(False, "--keep-files",
@@ -157,7 +139,7 @@ def remove(ref: str = typer.Argument(..., help="Version id (v3 or 3), tag, or ru
 
 
 @models_app.command()
-@_user_errors
+@user_errors
 def tag(ref: str = typer.Argument(..., help="Version id (v3 or 3), tag, or run directory."),
         name: str = typer.Argument(..., help="Tag to point at it (moves if already used).")):
     """Names a version, e.g. `afinar models tag v3 prod`; the tag moves if it was elsewhere."""
@@ -167,7 +149,7 @@ def tag(ref: str = typer.Argument(..., help="Version id (v3 or 3), tag, or run d
 
 
 @models_app.command()
-@_user_errors
+@user_errors
 def untag(name: str = typer.Argument(..., help="Tag to remove.")):
     """Removes a tag; the version itself stays."""
     with open_registry() as reg:

@@ -5,6 +5,9 @@ Only the CLI imports this; the library reports through plain event dicts.
 
 from __future__ import annotations
 
+import functools
+
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -120,6 +123,25 @@ class EvalProgress:
         if name not in self.tasks:
             self.tasks[name] = self.progress.add_task(name, total=total)
         self.progress.update(self.tasks[name], completed=done)
+
+
+def user_errors(func):
+    """For CLI commands: user mistakes print one clear message and exit 1; bugs keep their
+    traceback; Ctrl-C exits 130."""
+    from afinar.errors import AfinarError
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except AfinarError as exc:
+            print_error(exc)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
 
 
 def print_error(exc) -> None:

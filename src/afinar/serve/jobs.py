@@ -132,20 +132,22 @@ def cancel_job(store: Store, job_id: str) -> dict:
     return store.job(job_id)
 
 
-def pause_job(store: Store, job_id: str) -> dict:
+def _job_in(store: Store, job_id: str, status: str, action: str) -> dict:
     job = get_job(store, job_id)
-    if job["status"] != "running":
-        raise ApiError(400, f"Job {job_id} is {job['status']}; only a running job can be "
-                       "paused.", code="invalid_job_state")
+    if job["status"] != status:
+        raise ApiError(400, f"Job {job_id} is {job['status']}; only a {status} job can be "
+                       f"{action}.", code="invalid_job_state")
+    return job
+
+
+def pause_job(store: Store, job_id: str) -> dict:
+    _job_in(store, job_id, "running", "paused")
     store.update_job(job_id, when_status=("running",), requested="pause")
     return store.job(job_id)
 
 
 def resume_job(store: Store, job_id: str) -> dict:
-    job = get_job(store, job_id)
-    if job["status"] != "paused":
-        raise ApiError(400, f"Job {job_id} is {job['status']}; only a paused job can be "
-                       "resumed.", code="invalid_job_state")
+    _job_in(store, job_id, "paused", "resumed")
     store.update_job(job_id, when_status=("paused",), status="queued", resume=1, requested=None)
     store.add_event(job_id, "Fine-tuning job resumed; queued")
     return store.job(job_id)
