@@ -128,3 +128,18 @@ def evaluated_run(tmp_path_factory, tiny_model_dir):
                          learning_rate=1e-2, batch_size=4, max_steps=30, eval_steps=10, seed=0,
                          precision="fp32", checks=str(folder / "checks.yaml"))
     return train(config), folder
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(run dir, completed process): the README's `afinar demo` on the embedded model, run once
+    per session and shared by the real-model tests (training it takes minutes)."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("demo") / "demo"
+    afinar = str(Path(sys.executable).parent / "afinar")
+    done = subprocess.run([afinar, "demo", "--output", str(run)], capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, done

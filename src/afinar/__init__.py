@@ -6,13 +6,14 @@
     model = afinar.load(result.run_dir)
     model.generate([[{"role": "user", "content": "Hola"}]])
     report = afinar.evaluate(result.run_dir)          # base vs tuned; report.json/.html
+    afinar.export(result.run_dir, to="gguf", quant="q8_0")   # verified against the run
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "train", "load", "validate", "evaluate", "GenerationSettings",
+__all__ = ["TrainConfig", "train", "load", "validate", "evaluate", "export", "GenerationSettings",
            "AfinarError"]
 
 
@@ -36,6 +37,9 @@ def __getattr__(name: str):
     if name == "evaluate":
         from afinar.evaluation.evaluator import evaluate
         return evaluate
+    if name == "export":
+        from afinar.export.exporter import export
+        return export
     if name == "AfinarError":
         from afinar.errors import AfinarError
         return AfinarError

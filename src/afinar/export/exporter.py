@@ -1,0 +1,288 @@
+"""`afinar export RUN --to merged|gguf|gguf-adapter|ollama [--quant TYPE] [--output DIR]`.
+
+    result = afinar.export("runs/soporte", to="gguf", quant="q8_0")
+    result.output, result.files, result.verification.summary()
+
+Everything is written into a hidden temporary folder beside the output, verified there, and only
+then renamed into place: an interrupted or failed export never leaves a folder that looks done.
+When verification fails, only its report is kept (OUTPUT.verify-failed.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from afinar import rundir
+from afinar.errors import AfinarError
+from afinar.export import verify as V
+from afinar.export.gguf_vocab import build_vocab
+from afinar.export.gguf_write import DIRECT_TYPES, write_adapter_gguf, write_model_gguf
+from afinar.export.merged import DTYPES as MERGED_TYPES
+from afinar.export.merged import MergedRunner, cut_at_stop, write_merged
+from afinar.export.quantize import LLAMA_CPP_TYPES, quantize_with_llama_cpp
+
+FORMATS = ("merged", "gguf", "gguf-adapter", "ollama")
+DEFAULT_TYPE = {"merged": "f32", "gguf": "f16", "gguf-adapter": "f32", "ollama": "f16"}
+GGUF_TYPES = DIRECT_TYPES + tuple(LLAMA_CPP_TYPES)
+VERIFICATION_FILE = "verification.json"
+
+
+@dataclass
+class ExportResult:
+    format: str
+    kind: str
+    output: Path
+    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    seconds: float = 0.0
+    verification: V.VerifyReport | None = None
+    command: str | None = None  # what to run next (ollama create ..., llama-cli ...)
+
+
+@dataclass
+class _Job:
+    run_dir: Path
+    name: str
+    fmt: str
+    kind: str
+    tmp: Path
+    loaded: object  # afinar LoadedModel of the run (fp32, adapter merged)
+    notify: Callable[[str], None]
+
+
+def _check_type(fmt: str, kind: str) -> str:
+    kind = kind.lower()
+    allowed = {"merged": tuple(MERGED_TYPES), "gguf-adapter": ("f32", "f16")}.get(fmt, GGUF_TYPES)
+    if kind not in allowed:
+        raise AfinarError(f"--quant {kind} is not a type for --to {fmt}",
+                          "use one of: " + ", ".join(allowed))
+    return kind
+
+
+def _run_dir(run: str) -> Path:
+    from afinar.versions import registered_run
+
+    path = registered_run(run) or Path(run)
+    if not rundir.is_run_dir(path):
+        raise AfinarError(f"{run}: not a run directory (or a version id/tag of one)",
+                          "export takes what `afinar train` wrote: afinar export runs/NAME --to gguf")
+    if not (path / rundir.ADAPTER_DIR).is_dir() and not (path / rundir.FULL_MODEL_DIR).is_dir():
+        raise AfinarError(f"{path}: this run has no trained weights yet",
+                          f"finish or resume it: afinar train --resume {path}")
+    return path
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Atomically swaps the finished temporary folder into place."""
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(run: str, to: str = "gguf", quant: str | None = None, output: str | None = None,
+           verify: bool = True, prompts: int = 8, exact_tokens: int = 32,
+           max_new_tokens: int = 128, min_agreement: float | None = None,
+           name: str | None = None, notify: Callable[[str], None] = print) -> ExportResult:
+    if to not in FORMATS:
+        raise AfinarError(f"unknown export format {to!r}", "use one of: " + ", ".join(FORMATS))
+    kind = _check_type(to, quant or DEFAULT_TYPE[to])
+    run_dir = _run_dir(run)
+    if to == "gguf-adapter" and not (run_dir / rundir.ADAPTER_DIR).is_dir():
+        raise AfinarError(f"{run_dir}: a full fine-tune has no adapter", "use --to gguf")
+    out = Path(output) if output else run_dir / "exports" / f"{to}-{kind}"
+    name = name or run_dir.resolve().name
+    started = time.time()
+
+    from afinar.infer.generate import load
+
+    notify(f"loading {run_dir} (base + adapter, merged in fp32)")
+    loaded = load(str(run_dir), device="cpu", notify=notify)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    job = _Job(run_dir, name, to, kind, tmp, loaded, notify)
+    try:
+        command, verifier = _WRITERS[to](job)
+        report = None
+        if verify:
+            golden, source = V.golden_prompts(run_dir, prompts)
+            notify(f"verifying on {len(golden)} golden prompts from the {source}")
+            report = verifier(golden, exact_tokens, max_new_tokens, min_agreement)
+            (tmp / VERIFICATION_FILE).write_text(json.dumps(report.to_dict(), indent=2,
+                                                            ensure_ascii=False), encoding="utf-8")
+            if not report.passed:
+                failed = out.parent / f"{out.name}.verify-failed.json"
+                shutil.copyfile(tmp / VERIFICATION_FILE, failed)
+                report.saved_to = str(failed)
+                raise V.VerificationFailed(f"the {to} {kind} export does not behave like the "
+                                           "trained model: " + "; ".join(report.problems), report)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(to, kind, out, files, time.time() - started, report,
+                        command(out) if command else None)
+
+
+# -- reference answers -------------------------------------------------------------------------
+@torch.inference_mode()
+def _reference(loaded, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The trained model's greedy answer, one prompt at a time (no padding to perturb it)."""
+    out = loaded.model.generate(
+        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_ids,
+        pad_token_id=loaded.tokenizer.pad_token_id)
+    return cut_at_stop(out[0, len(prompt_ids):].tolist(), set(loaded.stop_ids))
+
+
+def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
+             export_ids: Callable[[list[dict]], list[int]],
+             export_answer: Callable[[list[int]], list[int]], is_end: Callable[[int], bool],
+             tokenizer_mismatches: list[str]) -> V.VerifyReport:
+    exact = job.kind in V.EXACT_TYPES
+    report = V.VerifyReport(job.kind, engine, exact, exact_tokens,
+                            1.0 if exact else (0.5 if min_agreement is None else min_agreement),
+                            tokenizer_mismatches=tokenizer_mismatches)
+    decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    for k, conversation in enumerate(golden, start=1):
+        ours = job.loaded.prompt_ids(conversation)
+        theirs = export_ids(conversation)
+        ref = _reference(job.loaded, ours, max_new_tokens)
+        got = export_answer(ours)
+        stopped = bool(got) and is_end(got[-1])
+        report.prompts.append(V.compare_answer(conversation[-1]["content"], ours == theirs, ref,
+                                               got, exact_tokens, decode, stopped))
+        job.notify(f"  prompt {k}/{len(golden)}: {report.prompts[-1].agreed_tokens}/"
+                   f"{report.prompts[-1].compared_tokens} tokens agree"
+                   + ("" if stopped else " (did not stop)"))
+    return V.judge(report)
+
+
+# -- merged ------------------------------------------------------------------------------------
+def _merged(job: _Job):
+    job.notify(f"writing merged {job.kind} weights")
+    write_merged(job.loaded, job.tmp, job.kind)
+
+    def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
+        runner = MergedRunner(job.tmp)
+        return _compare(job, "transformers", golden, exact_tokens, max_new_tokens, min_agreement,
+                        runner.prompt_ids, lambda ids: runner.greedy(ids, max_new_tokens),
+                        lambda t: t in runner.stop_ids, [])
+    return None, verifier
+
+
+# -- gguf --------------------------------------------------------------------------------------
+def _gguf_metadata(job: _Job) -> dict[str, str]:
+    info = rundir.read_run_info(job.run_dir)
+    meta = {"afinar.run": str(job.run_dir.resolve().name),
+            "afinar.base_model": str(info.get("base_model") or info.get("model") or "")}
+    if info.get("data_sha256"):
+        meta["afinar.data_sha256"] = str(info["data_sha256"])
+    return {k: v for k, v in meta.items() if v}
+
+
+def _write_gguf_file(job: _Job) -> Path:
+    path = job.tmp / f"{job.name}-{job.kind}.gguf"
+    direct = job.kind in DIRECT_TYPES
+    source = path if direct else job.tmp / f".{job.name}-f32.gguf"
+    job.notify(f"writing {source.name}" if direct else f"writing an f32 GGUF for llama.cpp's "
+               f"{job.kind} quantiser")
+    counts = write_model_gguf(job.loaded.model, job.loaded.tokenizer, job.loaded.stop_ids, source,
+                              job.kind if direct else "f32", job.name, _gguf_metadata(job))
+    job.notify("  tensors by type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if not direct:
+        job.notify(f"quantising to {job.kind} with llama.cpp")
+        quantize_with_llama_cpp(source, path, job.kind)
+        source.unlink()
+    return path
+
+
+def _tokenizer_mismatches(tokenizer, llm) -> list[str]:
+    return [text for text in V.TOKENIZER_PROBES
+            if tokenizer(text, add_special_tokens=True)["input_ids"]
+            != llm.tokenize(text, add_special=True)]
+
+
+def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
+    def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
+        from afinar.export.llama_runner import LlamaCpp
+
+        tok = job.loaded.tokenizer
+        with LlamaCpp(model_path, lora=lora) as llm:
+            render = lambda c: tok.apply_chat_template(c, tokenize=False,  # noqa: E731
+                                                       add_generation_prompt=True)
+            return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens,
+                            min_agreement, lambda c: llm.tokenize(render(c)),
+                            lambda ids: llm.greedy(ids, max_new_tokens), llm.is_end,
+                            _tokenizer_mismatches(tok, llm))
+    return verifier
+
+
+def _gguf(job: _Job):
+    path = _write_gguf_file(job)
+    return (lambda out: f"llama-cli -m {shlex.quote(str(out / path.name))} -cnv",
+            _llama_verifier(job, path))
+
+
+def _gguf_adapter(job: _Job):
+    from transformers import AutoConfig
+
+    resolved = job.loaded.resolved
+    config = AutoConfig.from_pretrained(resolved.base)
+    path = job.tmp / f"{job.name}-lora-{job.kind}.gguf"
+    job.notify(f"writing {path.name}")
+    write_adapter_gguf(resolved.adapter, config, path, job.kind, job.name)
+
+    def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
+        # llama.cpp needs the base model as GGUF to apply the adapter to: an f32 one, outside
+        # the output folder (users bring their own base GGUF).
+        from afinar.infer.generate import load
+
+        with tempfile.TemporaryDirectory() as scratch:
+            base = load(resolved.base_spec, device="cpu", notify=job.notify)
+            base_path = Path(scratch) / "base-f32.gguf"
+            write_model_gguf(base.model, job.loaded.tokenizer, job.loaded.stop_ids, base_path,
+                             "f32", f"{job.name}-base")
+            del base
+            return _llama_verifier(job, base_path, lora=path)(golden, exact_tokens,
+                                                              max_new_tokens, min_agreement)
+    return (lambda out: f"llama-cli -m BASE.gguf --lora {shlex.quote(str(out / path.name))} -cnv",
+            verifier)
+
+
+def _ollama(job: _Job):
+    from afinar.export import ollama
+
+    pieces = ollama.template_pieces(job.loaded.tokenizer)  # fails early if not expressible
+    path = _write_gguf_file(job)
+    tok = job.loaded.tokenizer
+    stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})
+    # Ollama adds BOS itself when the GGUF says so: a BOS written by the template too would
+    # double it (afinar's own encoder drops the duplicate; Ollama would not).
+    adds_bos = build_vocab(tok, job.loaded.model.config.vocab_size, job.loaded.stop_ids).add_bos
+    doubled = bool(adds_bos and tok.bos_token and pieces.always_prefix.startswith(tok.bos_token))
+    (job.tmp / "Modelfile").write_text(
+        ollama.modelfile(path.name, pieces, stops, None, run=str(job.run_dir.resolve()),
+                         include_always_prefix=not doubled), encoding="utf-8")
+    model_name = ollama.valid_model_name(job.name)
+    (job.tmp / "README.txt").write_text(
+        f"Made by afinar from the run {job.run_dir.resolve()}.\nTo use it with Ollama, run in "
+        f"this folder:\n\n  ollama create {model_name} -f Modelfile\n  ollama run {model_name}\n",
+        encoding="utf-8")
+    return (lambda out: ollama.create_command(out, model_name)), _llama_verifier(job, path)
+
+
+_WRITERS = {"merged": _merged, "gguf": _gguf, "gguf-adapter": _gguf_adapter, "ollama": _ollama}

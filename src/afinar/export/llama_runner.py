@@ -1,0 +1,87 @@
+"""Runs a GGUF file with real llama.cpp (through llama-cpp-python) for verification and tests.
+
+    with LlamaCpp("model-f16.gguf") as llm:
+        llm.tokenize(text)            # ids exactly as llama.cpp (and so Ollama) makes them
+        llm.greedy(prompt_ids, 64)    # greedy new ids, ending with an end-of-generation token
+
+llama-cpp-python is optional: it compiles llama.cpp at install time (minutes), so afinar only
+asks for it when a GGUF export is verified.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from afinar.errors import AfinarError
+
+INSTALL_HINT = ('pip install llama-cpp-python==0.3.36 (it compiles llama.cpp: about 4 minutes '
+                'with CMAKE_ARGS="-DLLAVA_BUILD=OFF"), or pass --no-verify to skip the check')
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise AfinarError("checking a GGUF export needs llama-cpp-python", INSTALL_HINT) from None
+    return llama_cpp
+
+
+class LlamaCpp:
+    def __init__(self, path: Path | str, lora: Path | str | None = None, n_ctx: int = 2048,
+                 logits_all: bool = False):
+        llama_cpp = require_llama_cpp()
+        self._lib = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
+            n_threads=os.cpu_count() or 1, logits_all=logits_all, verbose=False, seed=0)
+
+    def __enter__(self) -> "LlamaCpp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.llm.close()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.llm.metadata)
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Special-token text (e.g. <|im_start|>) is parsed as the special token, as in chat."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.llm._model.vocab, token))
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """New token ids, greedy; the end-of-generation token (if reached) is the last one."""
+        self.llm.reset()
+        out: list[int] = []
+        for token in self.llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                       repeat_penalty=1.0, reset=True):
+            out.append(int(token))
+            if self.is_end(token) or len(out) >= max_new_tokens:
+                break
+        return out
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position (needs logits_all=True)."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def chat(self, messages: list[dict], max_tokens: int = 256) -> tuple[str, str]:
+        """What a user of llama.cpp's chat API gets, with the GGUF's own template and stop
+        tokens: (answer, finish_reason)."""
+        result = self.llm.create_chat_completion(messages=messages, temperature=0.0,
+                                                 max_tokens=max_tokens, repeat_penalty=1.0)
+        choice = result["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"]

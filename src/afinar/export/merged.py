@@ -1,0 +1,71 @@
+"""`merged`: the LoRA folded into the base weights, as a standard Hugging Face folder that plain
+`transformers` loads: safetensors, config, the tokenizer with the chat template the run trained
+with, and a generation config whose EOS ids are every token that ends a turn (so `generate()`
+stops where afinar's own inference stops).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from afinar.errors import AfinarError
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def write_merged(loaded, folder: Path, kind: str) -> None:
+    """`loaded` is an afinar LoadedModel of the run (adapter already merged)."""
+    if kind not in DTYPES:
+        raise AfinarError(f"merged weights are saved as f32, f16 or bf16, not {kind!r}",
+                          "for quantised files use --to gguf --quant ...")
+    model = loaded.model
+    gen = model.generation_config
+    gen.eos_token_id = loaded.stop_ids if len(loaded.stop_ids) > 1 else loaded.stop_ids[0]
+    gen.pad_token_id = loaded.tokenizer.pad_token_id
+    model.config.eos_token_id = loaded.tokenizer.eos_token_id
+    # Cast a copy: the in-memory model stays fp32, it is the verification's reference.
+    # Tied tensors (embeddings = output) stay one tensor, so save_pretrained still dedups them.
+    cast: dict[int, torch.Tensor] = {}
+    state = {k: cast.setdefault(v.data_ptr(), v.to(DTYPES[kind]))
+             for k, v in model.state_dict(keep_vars=False).items()}
+    model.save_pretrained(folder, state_dict=state)
+    # save_pretrained records the in-memory dtype; loaders read this to pick the weights' type.
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(DTYPES[kind]).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    loaded.tokenizer.save_pretrained(folder)
+
+
+class MergedRunner:
+    """The export seen by a user of plain transformers: only the folder, nothing of afinar."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def prompt_ids(self, conversation: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        # Only the folder's generation config decides when to stop: that is what is verified.
+        out = self.model.generate(torch.tensor([prompt_ids]), do_sample=False,
+                                  max_new_tokens=max_new_tokens)
+        return cut_at_stop(out[0, len(prompt_ids):].tolist(), self.stop_ids)
+
+
+def cut_at_stop(ids: list[int], stop_ids) -> list[int]:
+    for k, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:k + 1]
+    return ids

@@ -1,0 +1,169 @@
+"""Checks that an export behaves like the trained model: same prompt token ids, same greedy answer.
+
+Golden prompts come from the run's held-out split. The trained model (transformers, base +
+adapter merged in fp32) answers each greedily; so does the export (llama.cpp for GGUF, plain
+`transformers` with only the exported folder for merged weights). Types that keep every weight
+to 16 bits or more must agree token for token on the first `exact_tokens` tokens of every answer;
+quantised types report an agreement rate and must reach `min_agreement`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from afinar.errors import AfinarError
+
+EXACT_TYPES = ("f32", "f16", "bf16")
+
+# Strings llama.cpp's tokenizer must split exactly as the trained tokenizer does: accents,
+# digits, runs of spaces and newlines, code, emoji and chat control tokens written as text.
+TOKENIZER_PROBES = (
+    "Hola, ¿qué tal? Mañana envío el pedido nº 12345 a las 09:30.",
+    "The quick brown fox jumps over 3.14159 lazy dogs!!! 2026-11-21",
+    "  leading spaces\n\n\ttabs\r\nand CRLF   trailing   ",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment",
+    "Ünïcödé — “quotes” 😀 日本語 Ελληνικά",
+    "I'm sure you'll see they've done it. DON'T SHOUT.",
+)
+
+
+class VerificationFailed(AfinarError):
+    def __init__(self, message: str, report: "VerifyReport"):
+        super().__init__(message, "the export was not kept; see the verification report "
+                                  f"{report.saved_to or ''}".rstrip())
+        self.report = report
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    same_prompt_ids: bool
+    reference: str
+    export: str
+    reference_tokens: int
+    export_tokens: int
+    agreed_tokens: int  # common prefix of the two answers, within the compared window
+    compared_tokens: int
+    identical: bool  # the whole answers are the same token ids
+    export_stopped: bool  # the export ended with an end-of-turn token by itself
+
+
+@dataclass
+class VerifyReport:
+    kind: str
+    engine: str
+    exact_required: bool
+    exact_tokens: int
+    min_agreement: float
+    prompts: list[PromptResult] = field(default_factory=list)
+    tokenizer_mismatches: list[str] = field(default_factory=list)
+    passed: bool = False
+    problems: list[str] = field(default_factory=list)
+    saved_to: str | None = None
+
+    @property
+    def agreement(self) -> float:
+        compared = sum(p.compared_tokens for p in self.prompts)
+        return sum(p.agreed_tokens for p in self.prompts) / compared if compared else 1.0
+
+    def summary(self) -> dict:
+        n = len(self.prompts)
+        return {
+            "type": self.kind, "engine": self.engine, "passed": self.passed,
+            "prompts": n,
+            "same_prompt_ids": sum(p.same_prompt_ids for p in self.prompts),
+            "greedy_agreement": round(self.agreement, 4),
+            "exact_first_tokens": sum(p.agreed_tokens == p.compared_tokens for p in self.prompts),
+            "identical_answers": sum(p.identical for p in self.prompts),
+            "stopped_by_itself": sum(p.export_stopped for p in self.prompts),
+            "tokenizer_probes_mismatched": len(self.tokenizer_mismatches),
+            "compared_tokens_per_answer": self.exact_tokens,
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), **asdict(self)}
+
+    def lines(self) -> list[str]:
+        s = self.summary()
+        need = "exact" if self.exact_required else f">= {self.min_agreement:.0%} agreement"
+        return [
+            f"verification ({self.engine}, {self.kind}, {need} on the first {self.exact_tokens} "
+            f"tokens): {'PASSED' if self.passed else 'FAILED'}",
+            f"  prompt token ids identical: {s['same_prompt_ids']}/{s['prompts']}"
+            + (f"; tokenizer probes mismatched: {s['tokenizer_probes_mismatched']}"
+               if self.engine == "llama.cpp" else ""),
+            f"  greedy agreement: {s['greedy_agreement']:.1%} of tokens; first {self.exact_tokens}"
+            f" tokens identical in {s['exact_first_tokens']}/{s['prompts']} answers; whole answer "
+            f"identical in {s['identical_answers']}/{s['prompts']}",
+            f"  stopped by itself: {s['stopped_by_itself']}/{s['prompts']}",
+            *[f"  problem: {p}" for p in self.problems],
+        ]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_answer(prompt: str, same_ids: bool, ref: list[int], exp: list[int], window: int,
+                   decode: Callable[[list[int]], str], stopped: bool) -> PromptResult:
+    compared = min(window, max(len(ref), len(exp)))
+    agreed = min(_common_prefix(ref[:window], exp[:window]), compared)
+    return PromptResult(prompt=prompt, same_prompt_ids=same_ids, reference=decode(ref),
+                        export=decode(exp), reference_tokens=len(ref), export_tokens=len(exp),
+                        agreed_tokens=agreed, compared_tokens=compared, identical=ref == exp,
+                        export_stopped=stopped)
+
+
+def judge(report: VerifyReport) -> VerifyReport:
+    """Sets passed/problems from the per-prompt results."""
+    problems = []
+    if report.tokenizer_mismatches:
+        problems.append(f"{report.engine} tokenises {len(report.tokenizer_mismatches)} probe "
+                        f"text(s) differently, e.g. {report.tokenizer_mismatches[0]!r}")
+    bad_ids = [p.prompt for p in report.prompts if not p.same_prompt_ids]
+    if bad_ids:
+        problems.append(f"prompt token ids differ for {len(bad_ids)} prompt(s), e.g. "
+                        f"{bad_ids[0][:80]!r}: the export would not see the trained prompt format")
+    if report.exact_required:
+        diverged = [p for p in report.prompts if p.agreed_tokens < p.compared_tokens]
+        if diverged:
+            p = diverged[0]
+            problems.append(f"{len(diverged)} answer(s) differ within the first "
+                            f"{report.exact_tokens} tokens, e.g. at token {p.agreed_tokens + 1}: "
+                            f"trained {p.reference[:80]!r} vs export {p.export[:80]!r}")
+    elif report.agreement < report.min_agreement:
+        problems.append(f"greedy agreement {report.agreement:.1%} is below the required "
+                        f"{report.min_agreement:.0%} (lower it with --min-agreement, or use a "
+                        "larger quantisation type)")
+    report.problems, report.passed = problems, not problems
+    return report
+
+
+def golden_prompts(run_dir, limit: int) -> tuple[list[list[dict]], str]:
+    """Up to `limit` prompts (conversations without their last answer) from the run's held-out
+    split; from its training data when it held nothing out."""
+    from afinar import rundir
+    from afinar.config import load_train_config
+    from afinar.data.prepare import split_for
+    from afinar.data.validate import load_examples
+
+    config = load_train_config(run_dir / rundir.CONFIG_FILE, anchor_paths=False)
+    report = load_examples(config.data, config.format)
+    if not report.ok:
+        raise AfinarError(f"{config.data}: the run's training data no longer validates, so there "
+                          "are no golden prompts to verify with", "pass --no-verify")
+    train_ex, held_ex, how = split_for(config, report)
+    pool, source = (held_ex, f"held-out part of {config.data} ({how})") if held_ex else \
+        (train_ex, f"training data {config.data} (the run held nothing out)")
+    prompts = [[{"role": m.role, "content": m.content} for m in ex.prompt_messages()]
+               for ex in pool if ex.is_chat and ex.messages[-1].role == "assistant"]
+    if not prompts:
+        raise AfinarError("the run's data has no conversations to verify the export with",
+                          "pass --no-verify")
+    return prompts[:limit], source
