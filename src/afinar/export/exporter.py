@@ -200,8 +200,13 @@ def _write_gguf_file(job: _Job) -> Path:
     source = path if direct else job.tmp / f".{job.name}-f32.gguf"
     job.notify(f"writing {source.name}" if direct else f"writing an f32 GGUF for llama.cpp's "
                f"{job.kind} quantiser")
+    def progress(done: int, total: int) -> None:  # a line per quarter: big models take minutes
+        if done == total or done % max(1, total // 4) == 0:
+            job.notify(f"  {done}/{total} tensors")
+
     counts = write_model_gguf(job.loaded.model, job.loaded.tokenizer, job.loaded.stop_ids, source,
-                              job.kind if direct else "f32", job.name, _gguf_metadata(job))
+                              job.kind if direct else "f32", job.name, _gguf_metadata(job),
+                              on_tensor=progress)
     job.notify("  tensors by type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if not direct:
         job.notify(f"quantising to {job.kind} with llama.cpp")
