@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from afinar.export import export
-    from afinar.export.verify import golden_prompts
+    from afinar.export.verify import VerificationFailed, golden_prompts
 
     prompts, _ = golden_prompts(Path(args.run), args.prompts)
     results = {"run": args.run, "prompts": len(prompts), "decode_tokens": args.tokens, "types": {}}
@@ -89,12 +89,23 @@ def main() -> None:
         for kind in args.types.split(","):
             result = export(args.run, to="gguf", quant=kind, output=f"{scratch}/{kind}",
                             prompts=args.prompts, min_agreement=0.0, notify=lambda m: None)
+            vs_fp32 = result.verification.summary()
+            if kind in ("f16", "bf16"):  # verified against rounded weights; also vs fp32
+                try:
+                    vs_fp32 = export(args.run, to="gguf", quant=kind, prompts=args.prompts,
+                                     output=f"{scratch}/{kind}-fp32ref", notify=lambda m: None,
+                                     round_reference=False).verification.summary()
+                except VerificationFailed as failed:
+                    vs_fp32 = failed.report.summary()
             gguf_file = next(result.output.glob("*.gguf"))
             speed = _decode_speed_llama(gguf_file, args.run, prompts[:4], args.tokens)
             row = {"seconds": round(result.seconds, 1), "bytes": gguf_file.stat().st_size,
                    "decode_tokens_per_s": round(speed, 1),
                    "decode_speed_vs_transformers": round(speed / base_speed, 2),
                    **result.verification.summary()}
+            if kind in ("f16", "bf16"):
+                row["vs_unrounded_fp32"] = {k: vs_fp32[k] for k in (
+                    "greedy_agreement", "exact_first_tokens", "identical_answers")}
             results["types"][kind] = row
             print(kind, row)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

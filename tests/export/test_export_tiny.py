@@ -154,3 +154,13 @@ def test_cli_export_json_and_errors(run_dir, tmp_path):
     assert bad.returncode != 0
     assert "not a type for --to merged" in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr + bad.stdout
+
+
+def test_without_llama_cpp_the_error_says_how_to_install_it(monkeypatch):
+    """llama-cpp-python is installed here; hiding it shows what a user without it is told."""
+    from afinar.export.llama_runner import require_llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    with pytest.raises(AfinarError) as caught:
+        require_llama_cpp()
+    assert "llama-cpp-python" in str(caught.value) and "--no-verify" in caught.value.hint

@@ -57,6 +57,7 @@ class _Job:
     tmp: Path
     loaded: object  # afinar LoadedModel of the run (fp32, adapter merged)
     notify: Callable[[str], None]
+    round_reference: bool = True
 
 
 def _check_type(fmt: str, kind: str) -> str:
@@ -95,7 +96,10 @@ def _publish(tmp: Path, output: Path) -> None:
 def export(run: str, to: str = "gguf", quant: str | None = None, output: str | None = None,
            verify: bool = True, prompts: int = 8, exact_tokens: int = 32,
            max_new_tokens: int = 128, min_agreement: float | None = None,
-           name: str | None = None, notify: Callable[[str], None] = print) -> ExportResult:
+           name: str | None = None, notify: Callable[[str], None] = print,
+           round_reference: bool = True) -> ExportResult:
+    """`round_reference=False` compares f16/bf16 files with the unrounded fp32 model (only for
+    measuring what the rounding itself changes; exact agreement is then not expected)."""
     if to not in FORMATS:
         raise AfinarError(f"unknown export format {to!r}", "use one of: " + ", ".join(FORMATS))
     kind = _check_type(to, quant or DEFAULT_TYPE[to])
@@ -112,7 +116,7 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
     loaded = load(str(run_dir), device="cpu", notify=notify)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    job = _Job(run_dir, name, to, kind, tmp, loaded, notify)
+    job = _Job(run_dir, name, to, kind, tmp, loaded, notify, round_reference)
     try:
         command, verifier = _WRITERS[to](job)
         report = None
@@ -148,6 +152,17 @@ def _reference(loaded, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return cut_at_stop(out[0, len(prompt_ids):].tolist(), set(loaded.stop_ids))
 
 
+@torch.inference_mode()
+def _tie_margin(loaded, prompt: list[int], ref: list[int], got: list[int], k: int) -> float | None:
+    """How close the reference was to choosing the export's token where they part: the logit
+    margin as a share of the logits' spread (0 = a perfect tie)."""
+    if k >= len(ref) or k >= len(got):
+        return None  # one answer ended (its stop token agreed up to there)
+    logits = loaded.model(torch.tensor([prompt + ref[:k]])).logits[0, -1].float()
+    spread = float(logits.max() - logits.min()) or 1.0
+    return max(0.0, float(logits[ref[k]] - logits[got[k]])) / spread
+
+
 def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
              export_ids: Callable[[list[dict]], list[int]],
              export_answer: Callable[[list[int]], list[int]], is_end: Callable[[int], bool],
@@ -156,6 +171,13 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
     report = V.VerifyReport(job.kind, engine, exact, exact_tokens,
                             1.0 if exact else (0.5 if min_agreement is None else min_agreement),
                             tokenizer_mismatches=tokenizer_mismatches)
+    if job.kind in ("f16", "bf16") and job.round_reference:
+        # A 16-bit file holds the trained weights rounded to 16 bits; its greedy answers are
+        # compared with exactly that model (fp32 compute), so any difference left is the
+        # conversion's fault. (bf16 keeps 8 bits of mantissa: the rounding alone changes a few
+        # greedy tokens of a 135M model.) Rounding in place is safe: the writers are done.
+        _round_weights(job.loaded.model, MERGED_TYPES[job.kind])
+        report.reference = f"trained model, weights rounded to {job.kind} (fp32 compute)"
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     for k, conversation in enumerate(golden, start=1):
         ours = job.loaded.prompt_ids(conversation)
@@ -163,12 +185,22 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
         ref = _reference(job.loaded, ours, max_new_tokens)
         got = export_answer(ours)
         stopped = bool(got) and is_end(got[-1])
-        report.prompts.append(V.compare_answer(conversation[-1]["content"], ours == theirs, ref,
-                                               got, exact_tokens, decode, stopped))
-        job.notify(f"  prompt {k}/{len(golden)}: {report.prompts[-1].agreed_tokens}/"
-                   f"{report.prompts[-1].compared_tokens} tokens agree"
-                   + ("" if stopped else " (did not stop)"))
+        result = V.compare_answer(conversation[-1]["content"], ours == theirs, ref, got,
+                                  exact_tokens, decode, stopped)
+        if exact and result.agreed_tokens < result.compared_tokens:
+            result.near_tie = _tie_margin(job.loaded, ours, ref, got, result.agreed_tokens)
+        report.prompts.append(result)
+        tie = "" if result.near_tie is None else \
+            f", then parted where the reference's margin was {result.near_tie:.1e} of its spread"
+        job.notify(f"  prompt {k}/{len(golden)}: {result.agreed_tokens}/{result.compared_tokens}"
+                   f" tokens agree{tie}" + ("" if stopped else " (did not stop)"))
     return V.judge(report)
+
+
+@torch.no_grad()
+def _round_weights(model, dtype: torch.dtype) -> None:
+    for param in model.parameters():
+        param.copy_(param.to(dtype).to(param.dtype))
 
 
 # -- merged ------------------------------------------------------------------------------------

@@ -17,15 +17,15 @@ import numpy as np
 
 from afinar.errors import AfinarError
 
-INSTALL_HINT = ('pip install llama-cpp-python==0.3.36 (it compiles llama.cpp: about 4 minutes '
-                'with CMAKE_ARGS="-DLLAVA_BUILD=OFF"), or pass --no-verify to skip the check')
+INSTALL_HINT = ('CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install "llama-cpp-python==0.3.36" (it compiles '
+                'llama.cpp: about 4 minutes); to skip only the check, pass --no-verify')
 
 
-def require_llama_cpp():
+def require_llama_cpp(purpose: str = "checking a GGUF export"):
     try:
         import llama_cpp
     except ImportError:
-        raise AfinarError("checking a GGUF export needs llama-cpp-python", INSTALL_HINT) from None
+        raise AfinarError(f"{purpose} needs llama-cpp-python", INSTALL_HINT) from None
     return llama_cpp
 
 

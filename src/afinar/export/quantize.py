@@ -22,7 +22,7 @@ LLAMA_CPP_TYPES = {
 
 
 def quantize_with_llama_cpp(source: Path, target: Path, kind: str, threads: int = 0) -> None:
-    llama_cpp = require_llama_cpp()
+    llama_cpp = require_llama_cpp(f"the {kind} type (llama.cpp's quantiser)")
     ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[kind.lower()], None)
     if ftype is None:
         raise AfinarError(f"this llama-cpp-python has no {kind} quantisation")
