@@ -34,8 +34,9 @@ def test_gguf_of_the_demo_run_answers_in_format_and_stops(demo_run, tmp_path, ki
                       "verification": summary}, indent=1))
     assert summary["passed"] and summary["prompts"] == 8
     assert summary["same_prompt_ids"] == 8 and summary["tokenizer_probes_mismatched"] == 0
-    if kind == "f16":
-        assert summary["exact_first_tokens"] == 8
+    if kind == "f16":  # measured: 8/8 exact (a near-tie may legitimately part one)
+        assert summary["exact_first_tokens"] + summary["parted_at_near_tie"] == 8
+        assert summary["exact_first_tokens"] >= 7
     assert summary["stopped_by_itself"] >= 7
 
     # As a user of llama.cpp sees it: its chat API, the GGUF's own template and stop tokens.

@@ -279,6 +279,7 @@ def demo(
               f"{base_leak:.0%}, tuned {tuned_leak:.0%}")
     out.print(f"Try it: .venv/bin/afinar chat {result.run_dir} --system \"Eres el asistente de "
               "soporte de Ferrolux, una tienda online de electrodomésticos.\"")
+    out.print(f"Export it: .venv/bin/afinar export {result.run_dir} --to ollama --quant q8_0")
 
 
 @app.command("eval")
@@ -333,7 +334,8 @@ def export(
     exact_tokens: int = typer.Option(32, help="Tokens of each answer compared; f32/f16/bf16 "
                                      "must agree exactly on them."),
     min_agreement: Optional[float] = typer.Option(None, help="Quantised types: the share of "
-                                                  "compared tokens that must agree (0.5)."),
+                                                  "compared tokens that must agree (default by "
+                                                  "type: q8_0 0.75, q6/q5 0.5, q4 0.3, else 0.2)."),
     name: Optional[str] = typer.Option(None, help="Model name in the files (default: the "
                                        "run's folder name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -169,7 +169,8 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
              tokenizer_mismatches: list[str]) -> V.VerifyReport:
     exact = job.kind in V.EXACT_TYPES
     report = V.VerifyReport(job.kind, engine, exact, exact_tokens,
-                            1.0 if exact else (0.5 if min_agreement is None else min_agreement),
+                            1.0 if exact else (V.default_min_agreement(job.kind)
+                                               if min_agreement is None else min_agreement),
                             tokenizer_mismatches=tokenizer_mismatches)
     if job.kind in ("f16", "bf16") and job.round_reference:
         # A 16-bit file holds the trained weights rounded to 16 bits; its greedy answers are

@@ -1,0 +1,45 @@
+"""The verification verdict on hand-made results: what passes, what fails and why."""
+
+from __future__ import annotations
+
+from afinar.export.verify import VerifyReport, compare_answer, judge
+
+
+def _result(ref, got, near_tie=None, same_ids=True, window=8):
+    result = compare_answer("p", same_ids, ref, got, window, lambda ids: str(ids), True)
+    result.near_tie = near_tie
+    return result
+
+
+def test_exact_types_need_identical_first_tokens():
+    report = VerifyReport("f16", "llama.cpp", True, 8, 1.0)
+    report.prompts = [_result([1, 2, 3, 4], [1, 2, 3, 4]), _result([5, 6, 7], [5, 6, 9])]
+    assert not judge(report).passed
+    assert "1 answer(s) differ within the first 8 tokens, e.g. at token 3" in report.problems[0]
+    assert report.agreement == (4 + 2) / (4 + 3)
+
+
+def test_a_near_tie_is_allowed_but_counted_and_a_clear_margin_is_not():
+    tie = VerifyReport("bf16", "llama.cpp", True, 8, 1.0)
+    tie.prompts = [_result([1, 2, 3], [1, 2, 4], near_tie=0.005)]
+    assert judge(tie).passed and tie.summary()["parted_at_near_tie"] == 1
+    sure = VerifyReport("bf16", "llama.cpp", True, 8, 1.0)
+    sure.prompts = [_result([1, 2, 3], [1, 2, 4], near_tie=0.2)]
+    assert not judge(sure).passed
+    # The same margin is too wide for f32, whose logits must match far more closely.
+    f32 = VerifyReport("f32", "llama.cpp", True, 8, 1.0)
+    f32.prompts = [_result([1, 2, 3], [1, 2, 4], near_tie=0.005)]
+    assert not judge(f32).passed
+
+
+def test_quantised_types_need_the_agreement_rate_and_ids_always_matter():
+    q = VerifyReport("q4_k_m", "llama.cpp", False, 4, 0.5)
+    q.prompts = [_result([1, 2, 3, 4], [1, 2, 3, 9], window=4), _result([1, 2], [1, 7], window=4)]
+    assert judge(q).passed and q.agreement == 4 / 6
+    q.min_agreement = 0.9
+    assert not judge(q).passed and "below the required 90%" in q.problems[0]
+    ids = VerifyReport("q8_0", "llama.cpp", False, 4, 0.0)
+    ids.prompts = [_result([1], [1], same_ids=False)]
+    assert not judge(ids).passed and "prompt token ids differ" in ids.problems[0]
+    ids.tokenizer_mismatches = ["12345"]
+    assert "tokenises 1 probe" in judge(ids).problems[0]
