@@ -11,8 +11,6 @@ from afinar.errors import AfinarError
 from afinar.export.ollama import (TemplatePieces, create_command, go_template, modelfile, render,
                                   template_pieces, valid_model_name)
 
-ROOT = Path(__file__).resolve().parents[2]
-SMOLLM2 = ROOT / ".afinar-test-home" / "models" / "smollm2-135m-instruct"
 
 LLAMA3 = (
     "{{ '<|begin_of_text|>' }}{% for message in messages %}"
@@ -223,11 +221,13 @@ def test_valid_model_name(name, expected):
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="embedded SmolLM2 not converted/cached here")
 def test_real_smollm2_template():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    from afinar.models.registry import DEFAULT_MODEL, resolve_model
+
+    # Converts the embedded model once if this session has not yet (about 30 s; then cached).
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL, notify=print).tokenizer_source)
     pieces = template_pieces(tok)
     assert pieces.default_system == ("You are a helpful AI assistant named SmolLM, "
                                      "trained by Hugging Face")
