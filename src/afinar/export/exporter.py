@@ -25,7 +25,7 @@ import torch
 from afinar import rundir
 from afinar.errors import AfinarError
 from afinar.export import verify as V
-from afinar.export.gguf_vocab import build_vocab
+from afinar.export.gguf_vocab import adds_special
 from afinar.export.gguf_write import DIRECT_TYPES, write_adapter_gguf, write_model_gguf
 from afinar.export.merged import DTYPES as MERGED_TYPES
 from afinar.export.merged import MergedRunner, cut_at_stop, write_merged
@@ -52,7 +52,6 @@ class ExportResult:
 class _Job:
     run_dir: Path
     name: str
-    fmt: str
     kind: str
     tmp: Path
     loaded: object  # afinar LoadedModel of the run (fp32, adapter merged)
@@ -76,10 +75,7 @@ def _run_dir(run: str) -> Path:
     if not rundir.is_run_dir(path):
         raise AfinarError(f"{run}: not a run directory (or a version id/tag of one)",
                           "export takes what `afinar train` wrote: afinar export runs/NAME --to gguf")
-    if not (path / rundir.ADAPTER_DIR).is_dir() and not (path / rundir.FULL_MODEL_DIR).is_dir():
-        raise AfinarError(f"{path}: this run has no trained weights yet",
-                          f"finish or resume it: afinar train --resume {path}")
-    return path
+    return path  # a run without trained weights is refused by load() (models/registry.py)
 
 
 def _publish(tmp: Path, output: Path) -> None:
@@ -104,8 +100,6 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
         raise AfinarError(f"unknown export format {to!r}", "use one of: " + ", ".join(FORMATS))
     kind = _check_type(to, quant or DEFAULT_TYPE[to])
     run_dir = _run_dir(run)
-    if to == "gguf-adapter" and not (run_dir / rundir.ADAPTER_DIR).is_dir():
-        raise AfinarError(f"{run_dir}: a full fine-tune has no adapter", "use --to gguf")
     out = Path(output) if output else run_dir / "exports" / f"{to}-{kind}"
     name = name or run_dir.resolve().name
     started = time.time()
@@ -114,9 +108,11 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
 
     notify(f"loading {run_dir} (base + adapter, merged in fp32)")
     loaded = load(str(run_dir), device="cpu", notify=notify)
+    if to == "gguf-adapter" and loaded.resolved.adapter is None:
+        raise AfinarError(f"{run_dir}: a full fine-tune has no adapter", "use --to gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    job = _Job(run_dir, name, to, kind, tmp, loaded, notify, round_reference)
+    job = _Job(run_dir, name, kind, tmp, loaded, notify, round_reference)
     try:
         command, verifier = _WRITERS[to](job)
         report = None
@@ -219,12 +215,10 @@ def _merged(job: _Job):
 
 # -- gguf --------------------------------------------------------------------------------------
 def _gguf_metadata(job: _Job) -> dict[str, str]:
-    info = rundir.read_run_info(job.run_dir)
-    meta = {"afinar.run": str(job.run_dir.resolve().name),
-            "afinar.base_model": str(info.get("base_model") or info.get("model") or "")}
-    if info.get("data_sha256"):
-        meta["afinar.data_sha256"] = str(info["data_sha256"])
-    return {k: v for k, v in meta.items() if v}
+    meta = {"afinar.run": job.run_dir.resolve().name,
+            "afinar.base_model": job.loaded.resolved.base_spec,
+            "afinar.data_sha256": rundir.read_run_info(job.run_dir).get("data_sha256")}
+    return {k: str(v) for k, v in meta.items() if v}
 
 
 def _write_gguf_file(job: _Job) -> Path:
@@ -310,8 +304,7 @@ def _ollama(job: _Job):
     stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})
     # Ollama adds BOS itself when the GGUF says so: a BOS written by the template too would
     # double it (afinar's own encoder drops the duplicate; Ollama would not).
-    adds_bos = build_vocab(tok, job.loaded.model.config.vocab_size, job.loaded.stop_ids).add_bos
-    doubled = bool(adds_bos and tok.bos_token and pieces.always_prefix.startswith(tok.bos_token))
+    doubled = bool(adds_special(tok, tok.bos_token_id) and tok.bos_token and pieces.always_prefix.startswith(tok.bos_token))
     (job.tmp / "Modelfile").write_text(
         ollama.modelfile(path.name, pieces, stops, None, run=str(job.run_dir.resolve()),
                          include_always_prefix=not doubled), encoding="utf-8")

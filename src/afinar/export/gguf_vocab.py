@@ -64,7 +64,7 @@ def _merges(model: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
-def _adds_special(tokenizer, token_id: int | None) -> bool:
+def adds_special(tokenizer, token_id: int | None) -> bool:
     """Does encoding plain text (with special tokens on) put this token in? (BOS/EOS flags)."""
     if token_id is None:
         return False
@@ -114,8 +114,8 @@ def build_vocab(tokenizer, vocab_size: int, stop_ids: list[int]) -> GgufVocab:
     return GgufVocab(
         model="gpt2", pre=pre, tokens=tokens, types=types, merges=_merges(model),
         special_ids={k: v for k, v in special.items() if v is not None},
-        add_bos=_adds_special(tokenizer, tokenizer.bos_token_id),
-        add_eos=_adds_special(tokenizer, tokenizer.eos_token_id),
+        add_bos=adds_special(tokenizer, tokenizer.bos_token_id),
+        add_eos=adds_special(tokenizer, tokenizer.eos_token_id),
         chat_template=tokenizer.chat_template)
 
 

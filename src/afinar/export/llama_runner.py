@@ -47,10 +47,6 @@ class LlamaCpp:
     def close(self) -> None:
         self.llm.close()
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self.llm.metadata)
-
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         """Special-token text (e.g. <|im_start|>) is parsed as the special token, as in chat."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
@@ -74,9 +70,6 @@ class LlamaCpp:
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-
-    def detokenize(self, ids: list[int]) -> str:
-        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def chat(self, messages: list[dict], max_tokens: int = 256) -> tuple[str, str]:
         """What a user of llama.cpp's chat API gets, with the GGUF's own template and stop

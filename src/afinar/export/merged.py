@@ -29,8 +29,11 @@ def write_merged(loaded, folder: Path, kind: str) -> None:
     # Cast a copy: the in-memory model stays fp32, it is the verification's reference.
     # Tied tensors (embeddings = output) stay one tensor, so save_pretrained still dedups them.
     cast: dict[int, torch.Tensor] = {}
-    state = {k: cast.setdefault(v.data_ptr(), v.to(DTYPES[kind]))
-             for k, v in model.state_dict(keep_vars=False).items()}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in cast:
+            cast[tensor.data_ptr()] = tensor.to(DTYPES[kind])
+        state[key] = cast[tensor.data_ptr()]
     model.save_pretrained(folder, state_dict=state)
     # save_pretrained records the in-memory dtype; loaders read this to pick the weights' type.
     config_file = folder / "config.json"
