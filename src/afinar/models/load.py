@@ -36,12 +36,27 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def stop_token_ids(tokenizer, model=None) -> list[int]:
+def read_generation_config(source: str):
+    """The generation config a model would load with, read without its weights (so a run can
+    know its stop tokens before anything heavy is built); None when it cannot be read."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        pass
+    try:  # no generation_config.json: transformers derives one from the model's config
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
+    except (OSError, ValueError):
+        return None
+
+
+def stop_token_ids(tokenizer, model=None, generation_config=None) -> list[int]:
     """EOS plus the template's end-of-turn tokens: generation stops at any of them."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    gen = getattr(model, "generation_config", None)
+    gen = generation_config or getattr(model, "generation_config", None)
     gen_eos = getattr(gen, "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     vocab = tokenizer.get_vocab()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import sqlite3
@@ -34,10 +35,11 @@ from afinar.errors import AfinarError
 from afinar.evaluation.loss import evaluate_loss
 from afinar.models import adapters
 from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
-                                stop_token_ids)
+                                read_generation_config, stop_token_ids)
 from afinar.models.registry import BASE_MODELS, resolve_model
 from afinar.paths import sha256_file
 from afinar.train import state as ckpt
+from afinar.train.accelerator import make_accelerator
 from afinar.train.losses import SupervisedLoss
 
 Event = Callable[[dict], None]
@@ -123,6 +125,22 @@ def _write_run_info(run: Path, config: TrainConfig, status: str, **extra) -> Non
     rundir.write_json_atomic(run / rundir.RUN_FILE, info)
 
 
+def _check_input_files(config: TrainConfig) -> None:
+    for key in ("data", "validation_data", "checks"):
+        value = getattr(config, key)
+        if value and not Path(value).is_file():
+            what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
+            raise AfinarError(f"{value}: {what} ({key})",
+                              "check the path; data files are JSONL, one example per line"
+                              if key != "checks" else "check the path of the checks YAML file")
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 (or a single process), known before accelerate sets up the process group:
+    torchrun and `accelerate launch` both set RANK."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def train(config: TrainConfig, on_event: Event | None = None, resume: bool = False
           ) -> TrainResult:
     """Fine-tunes `config.model` on `config.data`; returns the run directory and a summary.
@@ -180,7 +198,6 @@ def _evaluate_run(run: Path, on_event: Event | None):
 
 def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: dict
            ) -> TrainResult:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     emit = on_event or (lambda event: None)
@@ -199,20 +216,22 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                 ("checks", config.checks))
                 if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
     config = config.model_copy(update={"output": str(run), **absolute})
-    device = pick_device(config.device)
-    precision = pick_precision(config.precision, device)
-    accelerator = Accelerator(cpu=device.type == "cpu",
-                              mixed_precision={"fp32": "no"}.get(precision, precision))
-    main = accelerator.is_main_process
+    _check_input_files(config)
+    # Everything a user can get wrong (files, data lines, the model's name) is checked before
+    # anything heavy is built: the model's weights, the accelerator, a process group.
+    main = _is_main_rank()
     if not main:  # one voice per run: only rank 0 reports progress
         emit = lambda event: None  # noqa: E731 (say() calls emit, so it goes quiet too)
-    set_seed(config.seed)
-
     resolved = resolve_model(config.model, notify=say)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
-    model = load_causal_lm(resolved, torch.device("cpu"))
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, generation_config=read_generation_config(resolved.weights))
     data: PreparedData = prepare_data(config, ChatEncoder(tokenizer, stops))
+
+    device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
+    accelerator = make_accelerator(device, precision)
+    set_seed(config.seed)
+    model = load_causal_lm(resolved, torch.device("cpu"))
     for warning in data.warnings:
         say(warning, "warning")
 
