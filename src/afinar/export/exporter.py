@@ -159,15 +159,26 @@ def _tie_margin(loaded, prompt: list[int], ref: list[int], got: list[int], k: in
     return max(0.0, float(logits[ref[k]] - logits[got[k]])) / spread
 
 
+@dataclass
+class _ExportSide:
+    """What the export did with the golden prompts: its own prompt ids for each conversation,
+    its greedy answers to the trained prompt ids, and whether each stopped by itself."""
+    prompt_ids: list[list[int]]
+    answers: list[list[int]]
+    stopped: list[bool]
+    tokenizer_mismatches: list[str] = field(default_factory=list)
+
+
 def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
-             export_ids: Callable[[list[dict]], list[int]],
-             export_answer: Callable[[list[int]], list[int]], is_end: Callable[[int], bool],
-             tokenizer_mismatches: list[str]) -> V.VerifyReport:
+             answer: Callable[[list[list[dict]], list[list[int]]], _ExportSide]
+             ) -> V.VerifyReport:
     exact = job.kind in V.EXACT_TYPES
+    ours = [job.loaded.prompt_ids(conversation) for conversation in golden]
+    side = answer(golden, ours)  # first, and whole: llama.cpp runs in one child process
     report = V.VerifyReport(job.kind, engine, exact, exact_tokens,
                             1.0 if exact else (V.default_min_agreement(job.kind)
                                                if min_agreement is None else min_agreement),
-                            tokenizer_mismatches=tokenizer_mismatches)
+                            tokenizer_mismatches=side.tokenizer_mismatches)
     if job.kind in ("f16", "bf16") and job.round_reference:
         # A 16-bit file holds the trained weights rounded to 16 bits; its greedy answers are
         # compared with exactly that model (fp32 compute), so any difference left is the
@@ -176,21 +187,19 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
         _round_weights(job.loaded.model, MERGED_TYPES[job.kind])
         report.reference = f"trained model, weights rounded to {job.kind} (fp32 compute)"
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-    for k, conversation in enumerate(golden, start=1):
-        ours = job.loaded.prompt_ids(conversation)
-        theirs = export_ids(conversation)
-        ref = _reference(job.loaded, ours, max_new_tokens)
-        got = export_answer(ours)
-        stopped = bool(got) and is_end(got[-1])
-        result = V.compare_answer(conversation[-1]["content"], ours == theirs, ref, got,
-                                  exact_tokens, decode, stopped)
+    for k, conversation in enumerate(golden):
+        ref = _reference(job.loaded, ours[k], max_new_tokens)
+        got = side.answers[k]
+        result = V.compare_answer(conversation[-1]["content"], ours[k] == side.prompt_ids[k], ref,
+                                  got, exact_tokens, decode, side.stopped[k])
         if exact and result.agreed_tokens < result.compared_tokens:
-            result.near_tie = _tie_margin(job.loaded, ours, ref, got, result.agreed_tokens)
+            result.near_tie = _tie_margin(job.loaded, ours[k], ref, got, result.agreed_tokens)
         report.prompts.append(result)
         tie = "" if result.near_tie is None else \
             f", then parted where the reference's margin was {result.near_tie:.1e} of its spread"
-        job.notify(f"  prompt {k}/{len(golden)}: {result.agreed_tokens}/{result.compared_tokens}"
-                   f" tokens agree{tie}" + ("" if stopped else " (did not stop)"))
+        job.notify(f"  prompt {k + 1}/{len(golden)}: {result.agreed_tokens}/"
+                   f"{result.compared_tokens} tokens agree{tie}"
+                   + ("" if side.stopped[k] else " (did not stop)"))
     return V.judge(report)
 
 
@@ -207,9 +216,13 @@ def _merged(job: _Job):
 
     def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
         runner = MergedRunner(job.tmp)
+
+        def answer(conversations, prompt_ids):
+            answers = [runner.greedy(ids, max_new_tokens) for ids in prompt_ids]
+            return _ExportSide([runner.prompt_ids(c) for c in conversations], answers,
+                               [bool(a) and a[-1] in runner.stop_ids for a in answers])
         return _compare(job, "transformers", golden, exact_tokens, max_new_tokens, min_agreement,
-                        runner.prompt_ids, lambda ids: runner.greedy(ids, max_new_tokens),
-                        lambda t: t in runner.stop_ids, [])
+                        answer)
     return None, verifier
 
 
@@ -237,29 +250,33 @@ def _write_gguf_file(job: _Job) -> Path:
     job.notify("  tensors by type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if not direct:
         job.notify(f"quantising to {job.kind} with llama.cpp")
-        quantize_with_llama_cpp(source, path, job.kind)
+        quantize_with_llama_cpp(source, path, job.kind, notify=job.notify)
         source.unlink()
     return path
 
 
-def _tokenizer_mismatches(tokenizer, llm) -> list[str]:
-    return [text for text in V.TOKENIZER_PROBES
-            if tokenizer(text, add_special_tokens=True)["input_ids"]
-            != llm.tokenize(text, add_special=True)]
-
-
 def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
     def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
-        from afinar.export.llama_runner import LlamaCpp
+        from afinar.export.llama_child import run_llama_task
+        from afinar.export.llama_runner import require_llama_cpp
 
+        require_llama_cpp()
         tok = job.loaded.tokenizer
-        with LlamaCpp(model_path, lora=lora) as llm:
-            render = lambda c: tok.apply_chat_template(c, tokenize=False,  # noqa: E731
-                                                       add_generation_prompt=True)
-            return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens,
-                            min_agreement, lambda c: llm.tokenize(render(c)),
-                            lambda ids: llm.greedy(ids, max_new_tokens), llm.is_end,
-                            _tokenizer_mismatches(tok, llm))
+
+        def answer(conversations, prompt_ids):
+            texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations]
+            what = (f"verifying {model_path.name} ({job.kind})" if lora is None else
+                    f"verifying the adapter {lora.name} ({job.kind})")
+            done = run_llama_task({"task": "answer", "model": str(model_path),
+                                   "lora": str(lora) if lora else None, "texts": texts,
+                                   "probes": list(V.TOKENIZER_PROBES), "prompt_ids": prompt_ids,
+                                   "max_new_tokens": max_new_tokens}, what, job.notify)
+            mismatches = [text for text, theirs in zip(V.TOKENIZER_PROBES, done["probes"])
+                          if tok(text, add_special_tokens=True)["input_ids"] != theirs]
+            return _ExportSide(done["texts"], done["answers"], done["stopped"], mismatches)
+        return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens, min_agreement,
+                        answer)
     return verifier
 
 
@@ -311,9 +328,27 @@ def _ollama(job: _Job):
     model_name = ollama.valid_model_name(job.name)
     (job.tmp / "README.txt").write_text(
         f"Made by afinar from the run {job.run_dir.resolve()}.\nTo use it with Ollama, run in "
-        f"this folder:\n\n  ollama create {model_name} -f Modelfile\n  ollama run {model_name}\n",
-        encoding="utf-8")
+        f"this folder:\n\n  ollama create {model_name} -f Modelfile\n  ollama run {model_name}\n"
+        + (_AMX_ADVICE if job.kind not in ("f32", "f16", "bf16") else ""), encoding="utf-8")
     return (lambda out: ollama.create_command(out, model_name)), _llama_verifier(job, path)
+
+
+# What a user can do when their own llama.cpp or Ollama crashes on this file (README.txt).
+_AMX_ADVICE = """
+If it crashes
+-------------
+If Ollama or llama.cpp dies with a segmentation fault when it loads or first answers with this
+model, and the CPU has AMX (Intel Xeon 4th generation or newer: `lscpu` lists amx_tile and
+amx_int8), the cause is llama.cpp's AMX kernels for quantised weights (ggml-org/llama.cpp#20824),
+not this file. afinar verified it with those kernels turned off. Any one of these avoids them:
+
+- llama.cpp (llama-cli, llama-server): add --no-repack (short: -nr).
+- Ollama on Linux: it picks the CPU library libggml-cpu-sapphirerapids.so on such CPUs. Move that
+  file out of Ollama's library folder (/usr/lib/ollama or /usr/local/lib/ollama) and restart
+  Ollama: it falls back to the next CPU library, which is slower but does not crash.
+- Export an unquantised type, which does not use those kernels:
+  afinar export RUN --to ollama --quant f16   (or bf16)
+"""
 
 
 _WRITERS = {"merged": _merged, "gguf": _gguf, "gguf-adapter": _gguf_adapter, "ollama": _ollama}

@@ -5,11 +5,21 @@
         llm.greedy(prompt_ids, 64)    # greedy new ids, ending with an end-of-generation token
 
 llama-cpp-python is optional: it compiles llama.cpp at install time (minutes), so afinar only
-asks for it when a GGUF export is verified.
+asks for it when a GGUF export is verified. afinar itself runs llama.cpp only in a child process
+(`afinar.export.llama_child`), so a native crash cannot take the caller down with it.
+
+Repacked weights: llama.cpp copies quantised weights into "extra" CPU buffers laid out for its
+fastest kernels (AMX tiles on Intel Xeons with AMX, interleaved blocks for AVX2/NEON). On AMX CPUs
+that path segfaults at the first evaluation of any quantised file (ggml's
+`ggml_backend_amx_mul_mat`, ggml-org/llama.cpp#20824); f16/bf16 are not affected. afinar therefore
+loads GGUF files without the extra buffers on CPUs with AMX, and with them elsewhere, where they
+are safe and faster. `AFINAR_LLAMA_REPACK=on|off` overrides that choice (llama.cpp's own
+command-line tools call it `--no-repack`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,14 +39,70 @@ def require_llama_cpp(purpose: str = "checking a GGUF export"):
     return llama_cpp
 
 
+REPACK_ENV = "AFINAR_LLAMA_REPACK"
+_AMX_FLAGS = {"amx_tile", "amx_int8", "amx_bf16"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def use_repacked_weights(flags: set[str] | None = None) -> bool:
+    """Whether llama.cpp may use its extra (repacked) weight buffers here: not on AMX CPUs,
+    where they crash; `AFINAR_LLAMA_REPACK=on|off` decides instead when set."""
+    wanted = os.environ.get(REPACK_ENV, "auto").strip().lower()
+    if wanted in ("on", "1", "true", "yes"):
+        return True
+    if wanted in ("off", "0", "false", "no"):
+        return False
+    if wanted not in ("auto", ""):
+        raise AfinarError(f"{REPACK_ENV}={wanted!r} is not a setting", "use auto, on or off")
+    return not (_AMX_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+@contextlib.contextmanager
+def _model_params(llama_cpp, **fields):
+    """llama-cpp-python's `Llama` builds llama.cpp's model parameters from
+    `llama_model_default_params()` and has no argument for some of them (use_extra_bufts among
+    them): this sets those fields on the defaults while one model is being constructed."""
+    binding = llama_cpp.llama.llama_cpp  # the low-level module `Llama` reads its defaults from
+    original = binding.llama_model_default_params
+
+    def defaults():
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    binding.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        binding.llama_model_default_params = original
+
+
 class LlamaCpp:
     def __init__(self, path: Path | str, lora: Path | str | None = None, n_ctx: int = 2048,
-                 logits_all: bool = False):
+                 logits_all: bool = False, repack: bool | None = None):
         llama_cpp = require_llama_cpp()
         self._lib = llama_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
-            n_threads=os.cpu_count() or 1, logits_all=logits_all, verbose=False, seed=0)
+        self.repack = use_repacked_weights() if repack is None else repack
+        with _model_params(llama_cpp, use_extra_bufts=self.repack):
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
+                n_threads=os.cpu_count() or 1, logits_all=logits_all, verbose=False, seed=0)
+        if bool(self.llm.model_params.use_extra_bufts) != self.repack:  # a binding that changed
+            self.llm.close()
+            raise AfinarError("could not set llama.cpp's use_extra_bufts through this "
+                              "llama-cpp-python", INSTALL_HINT)
 
     def __enter__(self) -> "LlamaCpp":
         return self

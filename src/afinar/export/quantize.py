@@ -21,7 +21,18 @@ LLAMA_CPP_TYPES = {
 }
 
 
-def quantize_with_llama_cpp(source: Path, target: Path, kind: str, threads: int = 0) -> None:
+def quantize_with_llama_cpp(source: Path, target: Path, kind: str, threads: int = 0,
+                            notify=None) -> None:
+    """Quantises in a child process (llama_child.py): a crash there is an error, not the end."""
+    from afinar.export.llama_child import run_llama_task
+
+    require_llama_cpp(f"the {kind} type (llama.cpp's quantiser)")
+    run_llama_task({"task": "quantize", "source": str(source), "target": str(target),
+                    "kind": kind, "threads": threads}, f"quantising {source.name} to {kind}",
+                   notify)
+
+
+def quantize_in_process(source: Path, target: Path, kind: str, threads: int = 0) -> None:
     llama_cpp = require_llama_cpp(f"the {kind} type (llama.cpp's quantiser)")
     ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[kind.lower()], None)
     if ftype is None:
