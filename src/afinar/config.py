@@ -72,8 +72,8 @@ class TrainConfig(_Strict):
         3, ge=1, description="Stop after this many evaluations without a better held-out loss; "
         "null = never.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Autocast dtype. auto: bf16 on GPUs and on CPUs with native bf16, "
-        "fp32 otherwise.")
+        "auto", description="Autocast dtype. auto: bf16 on GPUs and on CPUs with native bf16 "
+        "(AVX512-BF16 or AMX), fp16 on GPUs without bf16, fp32 otherwise. fp16 is GPU-only.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
     evaluate: bool = Field(True, description="At the end, evaluate base vs tuned on the held-out "
                            "data and write RUN/report.json and report.html (`afinar eval`).")

@@ -51,13 +51,15 @@ def _run_precision(run) -> str:
 def test_train_again_and_again_in_one_process_with_any_precision(tmp_path, tiny_model_dir,
                                                                  small_chat_file, monkeypatch):
     dtypes = _matmul_dtypes(monkeypatch)
-    for i, precision in enumerate(["fp32", "bf16", "fp32", "bf16"]):
+    auto = "bf16" if load_mod.cpu_has_fast_bf16() else "fp32"  # this CPU's, unpatched
+    for i, precision in enumerate(["fp32", "bf16", "fp32", "auto", "bf16"]):
         dtypes.clear()
         result = train(_config(tmp_path, f"run{i}", small_chat_file, tiny_model_dir, precision))
-        assert _run_precision(result) == precision
+        picked = auto if precision == "auto" else precision
+        assert _run_precision(result) == picked
         assert result.summary["steps"] == 4
         assert (result.run_dir / rundir.ADAPTER_DIR / "adapter_model.safetensors").is_file()
-        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        expected = torch.bfloat16 if picked == "bf16" else torch.float32
         assert dtypes and set(dtypes) == {expected}, (precision, set(dtypes))
         history = [json.loads(line) for line in
                    (result.run_dir / rundir.METRICS_FILE).read_text().splitlines()]
@@ -106,6 +108,7 @@ def test_user_errors_are_found_before_anything_heavy(tmp_path, tiny_model_dir, s
         (dict(checks=str(tmp_path / "checks.yaml")), "no such file (checks)"),
         (dict(model=str(tmp_path / "no-model")), "not found"),
         (dict(data=str(bad)), "problem(s) make this data unusable"),
+        (dict(precision="fp16", device="cpu"), "precision fp16 is for GPUs"),
     ]
     for i, (change, expected) in enumerate(cases):
         values = dict(data=str(small_chat_file), model=str(tiny_model_dir),

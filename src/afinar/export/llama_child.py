@@ -82,13 +82,18 @@ def _signal_name(code: int) -> str:
         return f"signal {code}"
 
 
-def crash_hint(what: str) -> str:
+def crash_hint(task: str) -> str:
     from afinar.export.llama_runner import REPACK_ENV
 
-    return (f"llama.cpp's quantised kernels crash on some CPUs (Intel Xeons with AMX among them); "
-            f"afinar already loads without repacked weights on AMX CPUs. Try --quant f16 or bf16, "
-            f"or {REPACK_ENV}=off (or on) to change how llama.cpp lays out the weights, or "
-            f"--no-verify to keep the file unchecked; then report the CPU (lscpu) and {what}")
+    common = (f"llama.cpp's kernels for quantised weights crash on some CPUs (Intel Xeons with "
+              f"AMX among them; afinar already turns off the repacked weights there). "
+              f"{REPACK_ENV}=off (or on) changes how llama.cpp lays out the weights")
+    if task == "quantize":
+        return (f"{common}; q8_0, f16 and bf16 are written by afinar without llama.cpp's "
+                "quantiser (--quant q8_0). If it persists, report it with the output of `lscpu`")
+    return (f"{common}; f16 and bf16 files do not use those kernels (--quant f16), and "
+            "--no-verify keeps the file without the check. If it persists, report it with the "
+            "output of `lscpu`")
 
 
 def run_llama_task(task: dict, what: str, notify: Callable[[str], None] | None = None,
@@ -121,7 +126,8 @@ def run_llama_task(task: dict, what: str, notify: Callable[[str], None] | None =
         if code < 0:
             raise AfinarError(f"llama.cpp crashed ({_signal_name(-code)}) while {what}; the "
                               f"export was not kept" + (f"\n  llama.cpp's last output: {log_tail}"
-                                                        if log_tail else ""), crash_hint(what))
+                                                        if log_tail else ""),
+                              crash_hint(task["task"]))
         if code != 0 or not result_file.is_file():
             raise AfinarError(f"llama.cpp's child process failed (exit {code}) while {what}"
                               + (f": {log_tail}" if log_tail else ""))

@@ -81,6 +81,11 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_precision(requested: str, device: torch.device) -> str:
     """'fp32', 'bf16' or 'fp16' (autocast dtype; master weights stay fp32 for training)."""
+    if requested == "fp16" and device.type == "cpu":
+        # accelerate has no fp16 autocast on CPU: it would train in fp32 and call it fp16.
+        raise AfinarError("precision fp16 is for GPUs: on a CPU it would silently run in fp32",
+                          "use precision bf16 (fast on CPUs with AVX512-BF16 or AMX) or fp32, "
+                          "or auto to pick")
     if requested != "auto":
         return requested
     if device.type == "cuda":
