@@ -334,8 +334,9 @@ def export(
     exact_tokens: int = typer.Option(32, help="Tokens of each answer compared; f32/f16/bf16 "
                                      "must agree exactly on them."),
     min_agreement: Optional[float] = typer.Option(None, help="Quantised types: the share of "
-                                                  "compared tokens that must agree (default by "
-                                                  "type: q8_0 0.75, q6/q5 0.5, q4 0.3, else 0.2)."),
+                                                  "the trained answers' tokens the export must "
+                                                  "choose too, teacher-forced (default by type: "
+                                                  "q8_0 0.9, q6/q5 0.85, q4 0.7, else 0.5)."),
     name: Optional[str] = typer.Option(None, help="Model name in the files (default: the "
                                        "run's folder name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

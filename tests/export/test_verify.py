@@ -43,3 +43,18 @@ def test_quantised_types_need_the_agreement_rate_and_ids_always_matter():
     assert not judge(ids).passed and "prompt token ids differ" in ids.problems[0]
     ids.tokenizer_mismatches = ["12345"]
     assert "tokenises 1 probe" in judge(ids).problems[0]
+
+
+def test_quantised_types_are_judged_by_teacher_forcing_when_measured():
+    """A flip at the second token ruins the free answer's common prefix; teacher forcing sees
+    that the export chose the trained model's token everywhere else."""
+    q = VerifyReport("q8_0", "llama.cpp", False, 8, 0.9)
+    ref = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    free = [1, 9, 9, 9, 9, 9, 9, 9]
+    forced = [1, 9, 3, 4, 5, 6, 7, 8, 9, 10]  # 9 of 10 chosen alike, given the same context
+    q.prompts = [compare_answer("p", True, ref, free, 8, str, True, forced=forced)]
+    assert q.agreement == 1 / 8 and q.forced_agreement == 0.9
+    assert judge(q).passed and q.summary()["teacher_forced_agreement"] == 0.9
+    assert "teacher-forced agreement" in q.lines()[0]
+    q.min_agreement = 0.95
+    assert not judge(q).passed and "teacher-forced agreement 90.0% is below" in q.problems[0]

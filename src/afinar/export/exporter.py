@@ -167,18 +167,18 @@ class _ExportSide:
     answers: list[list[int]]
     stopped: list[bool]
     tokenizer_mismatches: list[str] = field(default_factory=list)
+    # Teacher forcing (quantised types): the export's choice for each token of the trained
+    # model's answer, given the same preceding tokens.
+    forced: list[list[int]] | None = None
 
 
 def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
-             answer: Callable[[list[list[dict]], list[list[int]]], _ExportSide]
-             ) -> V.VerifyReport:
+             answer: Callable[[list[list[dict]], list[list[int]], list[list[int]] | None],
+                              _ExportSide]) -> V.VerifyReport:
     exact = job.kind in V.EXACT_TYPES
-    ours = [job.loaded.prompt_ids(conversation) for conversation in golden]
-    side = answer(golden, ours)  # first, and whole: llama.cpp runs in one child process
     report = V.VerifyReport(job.kind, engine, exact, exact_tokens,
                             1.0 if exact else (V.default_min_agreement(job.kind)
-                                               if min_agreement is None else min_agreement),
-                            tokenizer_mismatches=side.tokenizer_mismatches)
+                                               if min_agreement is None else min_agreement))
     if job.kind in ("f16", "bf16") and job.round_reference:
         # A 16-bit file holds the trained weights rounded to 16 bits; its greedy answers are
         # compared with exactly that model (fp32 compute), so any difference left is the
@@ -186,19 +186,27 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
         # greedy tokens of a 135M model.) Rounding in place is safe: the writers are done.
         _round_weights(job.loaded.model, MERGED_TYPES[job.kind])
         report.reference = f"trained model, weights rounded to {job.kind} (fp32 compute)"
+    ours = [job.loaded.prompt_ids(conversation) for conversation in golden]
+    job.notify(f"  the trained model answers {len(golden)} prompts")
+    refs = [_reference(job.loaded, ids, max_new_tokens) for ids in ours]
+    # The export's side in one go: llama.cpp runs in one child process.
+    side = answer(golden, ours, None if exact else refs)
+    report.tokenizer_mismatches = side.tokenizer_mismatches
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     for k, conversation in enumerate(golden):
-        ref = _reference(job.loaded, ours[k], max_new_tokens)
-        got = side.answers[k]
+        ref, got = refs[k], side.answers[k]
         result = V.compare_answer(conversation[-1]["content"], ours[k] == side.prompt_ids[k], ref,
-                                  got, exact_tokens, decode, side.stopped[k])
+                                  got, exact_tokens, decode, side.stopped[k],
+                                  forced=side.forced[k] if side.forced else None)
         if exact and result.agreed_tokens < result.compared_tokens:
             result.near_tie = _tie_margin(job.loaded, ours[k], ref, got, result.agreed_tokens)
         report.prompts.append(result)
         tie = "" if result.near_tie is None else \
             f", then parted where the reference's margin was {result.near_tie:.1e} of its spread"
+        forced = "" if result.forced_compared is None else \
+            f"; teacher-forced {result.forced_agreed}/{result.forced_compared}"
         job.notify(f"  prompt {k + 1}/{len(golden)}: {result.agreed_tokens}/"
-                   f"{result.compared_tokens} tokens agree{tie}"
+                   f"{result.compared_tokens} tokens agree{tie}{forced}"
                    + ("" if side.stopped[k] else " (did not stop)"))
     return V.judge(report)
 
@@ -217,7 +225,7 @@ def _merged(job: _Job):
     def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
         runner = MergedRunner(job.tmp)
 
-        def answer(conversations, prompt_ids):
+        def answer(conversations, prompt_ids, _references):  # merged types are all exact
             answers = [runner.greedy(ids, max_new_tokens) for ids in prompt_ids]
             return _ExportSide([runner.prompt_ids(c) for c in conversations], answers,
                                [bool(a) and a[-1] in runner.stop_ids for a in answers])
@@ -263,7 +271,7 @@ def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
         require_llama_cpp()
         tok = job.loaded.tokenizer
 
-        def answer(conversations, prompt_ids):
+        def answer(conversations, prompt_ids, references):
             texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in conversations]
             what = (f"verifying {model_path.name} ({job.kind})" if lora is None else
@@ -271,10 +279,12 @@ def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
             done = run_llama_task({"task": "answer", "model": str(model_path),
                                    "lora": str(lora) if lora else None, "texts": texts,
                                    "probes": list(V.TOKENIZER_PROBES), "prompt_ids": prompt_ids,
+                                   "forced_answers": references,
                                    "max_new_tokens": max_new_tokens}, what, job.notify)
             mismatches = [text for text, theirs in zip(V.TOKENIZER_PROBES, done["probes"])
                           if tok(text, add_special_tokens=True)["input_ids"] != theirs]
-            return _ExportSide(done["texts"], done["answers"], done["stopped"], mismatches)
+            return _ExportSide(done["texts"], done["answers"], done["stopped"], mismatches,
+                               done["forced"] if references is not None else None)
         return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens, min_agreement,
                         answer)
     return verifier

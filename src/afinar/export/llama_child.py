@@ -34,15 +34,23 @@ CHILD_COMMAND = [sys.executable, "-m", "afinar.export.llama_child"]
 def _answer(task: dict, progress: Callable[[str], None]) -> dict:
     from afinar.export.llama_runner import LlamaCpp
 
-    with LlamaCpp(task["model"], lora=task.get("lora")) as llm:
+    prompts = task.get("prompt_ids", [])
+    forced = task.get("forced_answers")  # the trained model's answers, for teacher forcing
+    longest = max([len(p) + max(task["max_new_tokens"], len(f or []))
+                   for p, f in zip(prompts, forced or [None] * len(prompts))] or [0])
+    # logits_all keeps a row of logits per context position: size the context to the need.
+    n_ctx = max(512, -(-(longest + 8) // 256) * 256)
+    with LlamaCpp(task["model"], lora=task.get("lora"), n_ctx=n_ctx,
+                  logits_all=forced is not None) as llm:
         out = {"texts": [llm.tokenize(t) for t in task.get("texts", [])],
                "probes": [llm.tokenize(t, add_special=True) for t in task.get("probes", [])],
-               "answers": [], "stopped": [], "repack": llm.repack}
-        prompts = task.get("prompt_ids", [])
+               "answers": [], "stopped": [], "forced": [], "repack": llm.repack}
         for k, ids in enumerate(prompts, start=1):
             answer = llm.greedy(ids, task["max_new_tokens"])
             out["answers"].append(answer)
             out["stopped"].append(bool(answer) and llm.is_end(answer[-1]))
+            if forced is not None:
+                out["forced"].append(llm.forced_predictions(ids, forced[k - 1]))
             progress(f"llama.cpp answered {k}/{len(prompts)}")
     return out
 

@@ -131,6 +131,15 @@ class LlamaCpp:
                 break
         return out
 
+    def forced_predictions(self, prompt_ids: list[int], answer: list[int]) -> list[int]:
+        """Teacher forcing: llama.cpp's greedy choice for each token of `answer`, given the
+        prompt and the answer's own preceding tokens (needs logits_all=True)."""
+        if not answer:
+            return []
+        ids = prompt_ids + answer[:-1]
+        logits = self.logits(ids)
+        return [int(i) for i in logits[len(prompt_ids) - 1:].argmax(axis=-1)]
+
     def logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits at every position (needs logits_all=True)."""
         self.llm.reset()
