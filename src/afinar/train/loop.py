@@ -35,7 +35,7 @@ from afinar.errors import AfinarError
 from afinar.evaluation.loss import evaluate_loss
 from afinar.models import adapters
 from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
-                                read_generation_config, stop_token_ids)
+                                read_generation_config, stop_token_ids, store_frozen_linears)
 from afinar.models.registry import BASE_MODELS, resolve_model
 from afinar.paths import sha256_file
 from afinar.train import state as ckpt
@@ -247,6 +247,10 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                         data_sha256=sha256_file(data_file), data_size=data_file.stat().st_size)
         _register(run, emit)
 
+    if config.method == "lora" and not config.lora.dora:
+        # Full fine-tuning keeps fp32 master weights; DoRA's magnitudes are computed from the
+        # base weights, so it keeps them in fp32 too and its numbers stay as they were.
+        store_frozen_linears(model, precision)
     model = adapters.attach(model, config.method, config.lora)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
