@@ -34,7 +34,7 @@ def _child(variant: str, steps: int, out: str) -> None:
         loop.store_frozen_linears = lambda model, precision: 0
     config = load_train_config(ROOT / "examples" / "soporte-triaje" / "train.yaml",
                                [f"max_steps={steps}", f"precision={precision}", "evaluate=false",
-                                "eval_steps=1000", "save_steps=1000"], output=out)
+                                "held_out_fraction=0", "save_steps=1000"], output=out)
     summary = loop.train(config).summary
     print(json.dumps({"tokens_per_s": summary["tokens_per_s"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
