@@ -36,15 +36,15 @@ def _answer(task: dict, progress: Callable[[str], None]) -> dict:
 
     prompts = task.get("prompt_ids", [])
     forced = task.get("forced_answers")  # the trained model's answers, for teacher forcing
-    longest = max([len(p) + max(task["max_new_tokens"], len(f or []))
-                   for p, f in zip(prompts, forced or [None] * len(prompts))] or [0])
+    longest = max((len(p) + max(task["max_new_tokens"], len(a))
+                   for p, a in zip(prompts, forced or [[]] * len(prompts))), default=0)
     # logits_all keeps a row of logits per context position: size the context to the need.
     n_ctx = max(512, -(-(longest + 8) // 256) * 256)
     with LlamaCpp(task["model"], lora=task.get("lora"), n_ctx=n_ctx,
                   logits_all=forced is not None) as llm:
         out = {"texts": [llm.tokenize(t) for t in task.get("texts", [])],
                "probes": [llm.tokenize(t, add_special=True) for t in task.get("probes", [])],
-               "answers": [], "stopped": [], "forced": [], "repack": llm.repack}
+               "answers": [], "stopped": [], "forced": []}
         for k, ids in enumerate(prompts, start=1):
             answer = llm.greedy(ids, task["max_new_tokens"])
             out["answers"].append(answer)
@@ -104,8 +104,7 @@ def crash_hint(task: str) -> str:
             "output of `lscpu`")
 
 
-def run_llama_task(task: dict, what: str, notify: Callable[[str], None] | None = None,
-                   timeout: float | None = None) -> dict:
+def run_llama_task(task: dict, what: str, notify: Callable[[str], None] | None = None) -> dict:
     """Runs `task` in a child process; `what` names the work for error messages (the file and
     its type). Raises AfinarError when the child crashes, fails or reports a user error."""
     with tempfile.TemporaryDirectory(prefix="afinar-llama-") as scratch:
@@ -120,12 +119,7 @@ def run_llama_task(task: dict, what: str, notify: Callable[[str], None] | None =
                 for line in child.stdout:
                     if line.startswith(PROGRESS) and notify:
                         notify("  " + line[len(PROGRESS):].rstrip())
-                code = child.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-                raise AfinarError(f"llama.cpp did not finish {what} within {timeout:.0f} s",
-                                  "pass --no-verify to skip the check") from None
+                code = child.wait()
             except BaseException:  # Ctrl-C: never leave a llama.cpp process behind
                 child.kill()
                 child.wait()

@@ -217,8 +217,10 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                 if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
     config = config.model_copy(update={"output": str(run), **absolute})
     _check_input_files(config)
-    # Everything a user can get wrong (files, data lines, the model's name) is checked before
-    # anything heavy is built: the model's weights, the accelerator, a process group.
+    # Everything a user can get wrong (files, settings, data lines, the model's name) is checked
+    # before anything heavy is built: the model's weights, the accelerator, a process group.
+    device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
     main = _is_main_rank()
     if not main:  # one voice per run: only rank 0 reports progress
         emit = lambda event: None  # noqa: E731 (say() calls emit, so it goes quiet too)
@@ -227,8 +229,6 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(resolved.weights))
     data: PreparedData = prepare_data(config, ChatEncoder(tokenizer, stops))
 
-    device = pick_device(config.device)
-    precision = pick_precision(config.precision, device)
     accelerator = make_accelerator(device, precision)
     set_seed(config.seed)
     model = load_causal_lm(resolved, torch.device("cpu"))
