@@ -31,7 +31,7 @@ def _child(variant: str, steps: int, out: str) -> None:
 
     precision, store = VARIANTS[variant]
     if not store:
-        loop.store_frozen_linears = lambda model, precision: 0
+        loop.frozen_linear_dtype = lambda *args: None
     config = load_train_config(ROOT / "examples" / "soporte-triaje" / "train.yaml",
                                [f"max_steps={steps}", f"precision={precision}", "evaluate=false",
                                 "held_out_fraction=0", "save_steps=1000"], output=out)

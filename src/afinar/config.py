@@ -75,6 +75,17 @@ class TrainConfig(_Strict):
         "auto", description="Autocast dtype. auto: bf16 on GPUs and on CPUs with native bf16 "
         "(AVX512-BF16 or AMX), fp16 on GPUs without bf16, fp32 otherwise. fp16 is GPU-only.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Base weights in 4-bit (QLoRA: NF4, double-quantised scales, "
+        "matmuls in the compute dtype) or 8-bit (LLM.int8) with bitsandbytes; LoRA only. "
+        "Roughly a quarter (4bit) or half (8bit) of the bf16 weights' memory.")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Recompute activations in the backward pass (about a third more "
+        "compute per step, a fraction of the activation memory). auto: on only when the memory "
+        "plan says the run does not fit without it.")
+    max_memory: str | None = Field(
+        None, description="Memory budget the plan must fit, e.g. 12GB or 800MB. Default: the "
+        "GPU's memory, or on a CPU the memory available now.")
     evaluate: bool = Field(True, description="At the end, evaluate base vs tuned on the held-out "
                            "data and write RUN/report.json and report.html (`afinar eval`).")
     checks: str | None = Field(None, description="Checks file (YAML) for that evaluation: "
@@ -85,12 +96,32 @@ class TrainConfig(_Strict):
         if self.validation_data and self.held_out_fraction and "held_out_fraction" in (
                 self.model_fields_set):
             raise ValueError("give either validation_data or held_out_fraction, not both")
+        if self.quantization != "none" and self.method != "lora":
+            raise ValueError(f"quantization {self.quantization} is for LoRA (QLoRA): the "
+                             "quantised base weights cannot be trained; use method lora")
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
         return self
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate != "auto":
             return float(self.learning_rate)
         return 2e-4 if self.method == "lora" else 2e-5
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
+          "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40,
+          "TIB": 2**40}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """"12GB", "12 GiB", "800MB", "1.5G" -> bytes (binary units: a "12GB" GPU has 12 GiB)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"{text!r} is not a memory size (e.g. 12GB, 800MB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def auto_epochs(n_train: int) -> int:

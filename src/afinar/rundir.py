@@ -20,6 +20,7 @@ from pathlib import Path
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 DATA_REPORT = "data_report.json"
+PLAN_FILE = "plan.json"  # the memory/time plan computed before the weights loaded
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_DIR = "tokenizer"
 ADAPTER_DIR = "adapter"

@@ -99,7 +99,7 @@ def test_user_errors_are_found_before_anything_heavy(tmp_path, tiny_model_dir, s
         raise AssertionError("built the accelerator or loaded weights before checking the input")
 
     monkeypatch.setattr(loop, "make_accelerator", heavy)
-    monkeypatch.setattr(loop, "load_causal_lm", heavy)
+    monkeypatch.setattr(loop, "load_training_model", heavy)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
     cases = [
@@ -143,7 +143,7 @@ def test_frozen_weights_are_stored_in_bf16_and_train_exactly_as_under_autocast(
     assert frozen["base_model.model.model.norm.weight"] == torch.float32
     assert trained and set(trained.values()) == {torch.float32}
 
-    monkeypatch.setattr(loop, "store_frozen_linears", lambda model, precision: 0)
+    monkeypatch.setattr(loop, "frozen_linear_dtype", lambda *args: None)
     recast = train(_config(tmp_path, "recast", small_chat_file, tiny_model_dir, "bf16"))
     assert all(p.dtype == torch.float32 for p in seen["model"].parameters())
 

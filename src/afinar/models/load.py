@@ -106,28 +106,79 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, dtype=torch.fl
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@torch.no_grad()
-def store_frozen_linears(model, precision: str) -> int:
-    """Stores the weights of the model's linear layers in the autocast dtype, before LoRA is
-    attached to them: autocast would otherwise recast each fp32 weight at every matmul, and the
-    fp32 copies cost twice the memory. Embeddings (tied to the output head in many models),
-    norms and biases stay fp32, so the residual stream stays fp32 and every matmul sees the
-    same bf16 weights autocast would make (the same round-to-nearest cast); losses agree with
-    the fp32-weights run to about 1e-5 relative (tests/train/test_precision.py). peft then
-    keeps the LoRA weights, and so their gradients and optimizer state, in fp32. Returns the
-    number of weights stored in the compute dtype."""
-    dtype = COMPUTE_DTYPES.get(precision)
-    if dtype is None:
-        return 0
-    head = model.get_output_embeddings()
-    keep = {id(head.weight)} if head is not None else set()
-    embeddings = model.get_input_embeddings()
-    if embeddings is not None:
-        keep.add(id(embeddings.weight))
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in keep:
-            module.weight.data = module.weight.data.to(dtype)
-            count += module.weight.numel()
-    return count
+def frozen_linear_dtype(method: str, dora: bool, precision: str):
+    """The dtype frozen linear weights are stored in for training; None = fp32.
 
+    LoRA under bf16/fp16 keeps them in the compute dtype: autocast would otherwise recast each
+    fp32 weight at every matmul, and the fp32 copies cost twice the memory. Full fine-tuning
+    keeps fp32 master weights (they are trained); DoRA computes its magnitudes from the base
+    weights, so they stay fp32 too and its numbers stay as they were."""
+    if method != "lora" or dora:
+        return None
+    return COMPUTE_DTYPES.get(precision)
+
+
+def _fp32_names(model_class, config) -> list[str]:
+    """Parameters that are not frozen linear weights: embeddings (tied to the head in many
+    models), norms, biases. Read from the architecture on the meta device."""
+    from afinar.models.shape import linear_weights
+
+    with torch.device("meta"):
+        meta = model_class(config)
+    linear = {id(m.weight) for m in linear_weights(meta)}
+    return [name for name, param in meta.named_parameters() if id(param) not in linear]
+
+
+def load_training_model(resolved: ResolvedModel, frozen_dtype=None, quantization: str = "none",
+                        compute_dtype=torch.float32, gradient_checkpointing: bool = False,
+                        device: torch.device | None = None):
+    """The model a run trains, on the CPU (accelerate places it):
+
+    - quantization 4bit/8bit: bitsandbytes layers on `device` (see models/quantize.py), with
+      gradient checkpointing set up as peft's k-bit preparation does it;
+    - frozen_dtype bf16/fp16: linear weights read straight into that dtype, everything else in
+      fp32 with the checkpoint's exact values, so the fp32 copy never exists (peak memory is the
+      bf16 model, not the fp32 one); the same numbers as fp32 weights under autocast, which
+      rounds each weight the same way at every matmul;
+    - otherwise fp32.
+    """
+    if quantization != "none":
+        from afinar.models.quantize import load_quantized
+
+        # bitsandbytes layers are placed at load time: they cannot be moved afterwards.
+        return load_quantized(resolved, quantization, compute_dtype, gradient_checkpointing,
+                              str(device or "cpu"))
+    if frozen_dtype is None:
+        return load_causal_lm(resolved, torch.device("cpu"))
+    import re
+
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(resolved.weights)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError) as exc:
+        raise _hub_error(resolved.weights, exc) from None
+    # transformers' own mechanism for parameters that must stay fp32 when a model loads in
+    # bf16/fp16, given the exact names for the duration of this load.
+    previous = model_class.__dict__.get("_keep_in_fp32_modules_strict")
+    model_class._keep_in_fp32_modules_strict = [
+        "^" + re.escape(name) + "$" for name in _fp32_names(model_class, config)]
+    try:
+        return load_causal_lm(resolved, torch.device("cpu"), dtype=frozen_dtype)
+    finally:
+        if previous is None:
+            del model_class._keep_in_fp32_modules_strict
+        else:
+            model_class._keep_in_fp32_modules_strict = previous
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations
+    (about a third more compute per step for a fraction of the activation memory)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        # With frozen embeddings no input of a checkpointed layer needs a gradient; this hook
+        # makes one, so the LoRA weights inside still get theirs.
+        model.enable_input_require_grads()

@@ -34,10 +34,14 @@ from afinar.data.tokenize import IGNORE, ChatEncoder
 from afinar.errors import AfinarError
 from afinar.evaluation.loss import evaluate_loss
 from afinar.models import adapters
-from afinar.models.load import (load_causal_lm, load_tokenizer, pick_device, pick_precision,
-                                read_generation_config, stop_token_ids, store_frozen_linears)
+from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
+                                frozen_linear_dtype, load_tokenizer, load_training_model,
+                                pick_device, pick_precision, read_generation_config,
+                                stop_token_ids)
 from afinar.models.registry import BASE_MODELS, resolve_model
+from afinar.models.shape import read_model_config
 from afinar.paths import sha256_file
+from afinar.plan.run import does_not_fit_error, plan_for_config
 from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
 from afinar.train.losses import SupervisedLoss
@@ -228,10 +232,24 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(resolved.weights))
     data: PreparedData = prepare_data(config, ChatEncoder(tokenizer, stops))
+    epochs = auto_epochs(len(data.train)) if config.epochs == "auto" else config.epochs
+    # The memory plan, from the model's configuration and the data's lengths: a run that
+    # cannot fit stops here, before the weights load, with the settings that would fit.
+    plan = plan_for_config(config, data.train, data.held, epochs, device, precision,
+                           model_config=read_model_config(resolved.weights))
+    say(plan.summary_line())
+    if not plan.fits:
+        raise does_not_fit_error(plan, config)
+    checkpointing = plan.chosen.settings.gradient_checkpointing
 
     accelerator = make_accelerator(device, precision)
     set_seed(config.seed)
-    model = load_causal_lm(resolved, torch.device("cpu"))
+    model = load_training_model(
+        resolved, frozen_linear_dtype(config.method, config.lora.dora, precision),
+        config.quantization, COMPUTE_DTYPES.get(precision, torch.float32),
+        gradient_checkpointing=checkpointing, device=accelerator.device)
+    if checkpointing and config.quantization == "none":
+        enable_gradient_checkpointing(model)
     for warning in data.warnings:
         say(warning, "warning")
 
@@ -240,6 +258,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         started.update(run=run, config=config)
         (run / rundir.CONFIG_FILE).write_text(dump_config(config))
         rundir.write_json_atomic(run / rundir.DATA_REPORT, data.report)
+        rundir.write_json_atomic(run / rundir.PLAN_FILE, plan.to_dict())
         tokenizer.save_pretrained(run / rundir.TOKENIZER_DIR)
         data_file = Path(config.data)
         _write_run_info(run, config, "running", base_model_path=resolved.weights,
@@ -247,10 +266,6 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                         data_sha256=sha256_file(data_file), data_size=data_file.stat().st_size)
         _register(run, emit)
 
-    if config.method == "lora" and not config.lora.dora:
-        # Full fine-tuning keeps fp32 master weights; DoRA's magnitudes are computed from the
-        # base weights, so it keeps them in fp32 too and its numbers stay as they were.
-        store_frozen_linears(model, precision)
     model = adapters.attach(model, config.method, config.lora)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
@@ -265,7 +280,6 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         raise AfinarError(f"{len(lengths)} training examples cannot feed {world} processes "
                           f"with batch_size {config.batch_size}", "lower batch_size")
     steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
-    epochs = auto_epochs(len(lengths)) if config.epochs == "auto" else config.epochs
     total_steps = epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -417,6 +431,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                "train_seconds": round(state.elapsed_s, 2),
                "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
                "trainable_params": n_trainable, "precision": precision, "processes": world,
+               "gradient_checkpointing": checkpointing, "quantization": config.quantization,
+               "planned_peak_memory_mb": round(plan.peak_bytes / 2**20, 1),
                "held_out_examples": len(data.held)}
     if main:
         dest = run / (rundir.ADAPTER_DIR if config.method == "lora" else rundir.FULL_MODEL_DIR)

@@ -1,0 +1,104 @@
+"""4-bit and 8-bit base weights (QLoRA) with bitsandbytes, on CPU and CUDA.
+
+    model = load_quantized(resolved, "4bit", torch.bfloat16)   # then LoRA on top
+    dequantize_linears(model)                                   # for export: plain nn.Linear
+
+4bit is QLoRA's recipe: NF4 weights with double-quantised scales, matmuls in the compute dtype.
+8bit is LLM.int8(). Either way the model is then prepared for k-bit training as peft documents
+(`prepare_model_for_kbit_training`: everything not quantised goes to fp32, the input embeddings
+produce gradients so checkpointed layers still train their LoRA weights).
+
+An export of a QLoRA run folds the adapter into the DE-quantised base weights: those are the
+weights the adapter was trained against, so the merged model answers like the trained one (the
+original full-precision weights would not: the adapter learned to correct the 4-bit ones).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from afinar.errors import AfinarError
+from afinar.models.registry import ResolvedModel
+
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise AfinarError("quantization 4bit/8bit needs the bitsandbytes package",
+                          "pip install bitsandbytes==0.50.2 (scripts/bootstrap.sh installs it)"
+                          ) from None
+    return bitsandbytes
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise AfinarError(f"unknown quantization {quantization!r}",
+                      "use one of: " + ", ".join(QUANTIZATIONS))
+
+
+def load_quantized(resolved: ResolvedModel, quantization: str, compute_dtype: torch.dtype,
+                   gradient_checkpointing: bool = False, device: str = "cpu"):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from afinar.models.load import _hub_error
+
+    _bitsandbytes()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.weights, dtype=compute_dtype, device_map={"": device},
+            quantization_config=quantization_config(quantization, compute_dtype))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(resolved.weights, exc) from None
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_8bit", False))
+
+
+@torch.no_grad()
+def dequantize_linears(model, dtype: torch.dtype = torch.float32) -> int:
+    """Replaces every bitsandbytes layer by an nn.Linear holding its de-quantised weights (the
+    exact values the quantised layer computes with); returns how many were replaced."""
+    bnb = _bitsandbytes()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                linear = torch.nn.Linear(child.in_features, child.out_features,
+                                         bias=child.bias is not None, device="cpu", dtype=dtype)
+                linear.weight.copy_(_dequantized_weight(child, bnb).to(dtype))
+                if child.bias is not None:
+                    linear.bias.copy_(child.bias.to(dtype))
+                setattr(parent, name, linear)
+                count += 1
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return count
+
+
+def _dequantized_weight(layer, bnb) -> torch.Tensor:
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    # int8: rows scaled back by their absmax (SCB), as bitsandbytes' own int8 matmul does.
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = layer.state.SCB
+    return weight.data.float() * scb.float().unsqueeze(1) / 127.0

@@ -1,0 +1,303 @@
+"""The plan of a training run: memory part by part, the settings that fit a budget, the time and
+the cost, before any weight is loaded.
+
+    plan = make_plan(config, model_config, PlanData.from_tokenized(train, epochs), target,
+                     precision="bf16", budget_bytes=12 * 2**30, runtime_bytes=0)
+    plan.fits, plan.peak_bytes, plan.to_dict()
+
+`afinar plan` prints it; `afinar train` computes the same plan first (one line, and plan.json in
+the run directory) and stops before loading the weights when the run cannot fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from afinar.plan.activations import ActivationProbe, probe_activations
+from afinar.plan.hardware import Target, hardware_table
+from afinar.plan.memory import MB, MemoryParts, WeightBudget, memory_parts, weight_budget
+
+# Share of the measured matmul peak a LoRA training step reaches on a CPU (norms, rotary,
+# softmax, the optimizer and Python between the matmuls): measured with the embedded model on a
+# 2-core Zen 3 in fp32 (bench/bench_plan.py prints the ratio of estimated to measured time).
+CPU_EFFICIENCY = 0.45
+
+
+@dataclass(frozen=True)
+class PlanData:
+    lengths: list[int]  # tokens of each training example, after max_seq_length
+    targets: list[int]  # labelled (assistant) tokens of each
+    epochs: int
+    held_out_tokens: int = 0
+    evaluations: int = 0
+
+    @classmethod
+    def from_tokenized(cls, train, epochs: int, held=(), evaluations: int = 0) -> "PlanData":
+        return cls([len(t.input_ids) for t in train],
+                   [sum(1 for label in t.labels[1:] if label != -100) for t in train],
+                   epochs, sum(len(t.input_ids) for t in held), evaluations if held else 0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    quantization: str
+
+    def describe(self) -> str:
+        parts = [f"batch_size={self.batch_size}",
+                 f"gradient_accumulation_steps={self.gradient_accumulation_steps}",
+                 f"gradient_checkpointing={str(self.gradient_checkpointing).lower()}"]
+        if self.quantization != "none":
+            parts.append(f"quantization={self.quantization}")
+        return " ".join(parts)
+
+
+@dataclass
+class Option:
+    settings: Settings
+    memory: MemoryParts
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.total
+
+
+@dataclass
+class Plan:
+    model: dict
+    data: dict
+    target: Target
+    precision: str
+    budget_bytes: int
+    chosen: Option  # the configured settings (checkpointing decided when it was auto)
+    alternatives: list[Option]  # settings that fit the budget, cheapest change first
+    without_checkpointing: MemoryParts
+    with_checkpointing: MemoryParts
+    time: dict
+    cost: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.chosen.peak_bytes <= self.budget_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.chosen.peak_bytes
+
+    def summary_line(self) -> str:
+        s = self.chosen.settings
+        return (f"plan: peak ≈ {self.peak_bytes / MB:,.0f} MB of {self.budget_bytes / MB:,.0f} MB "
+                f"({self.target.name}); weights {self.chosen.memory.weights / MB:,.0f} MB, "
+                f"activations {self.chosen.memory.activations / MB:,.0f} MB; checkpointing "
+                f"{'on' if s.gradient_checkpointing else 'off'}; ≈ "
+                f"{_duration(self.time['train_seconds'])} for {self.data['epochs']} epoch(s)")
+
+    def to_dict(self) -> dict:
+        def option(o: Option) -> dict:
+            return {**o.settings.__dict__, "peak_memory_mb": round(o.peak_bytes / MB, 1),
+                    "memory_mb": o.memory.as_mb()}
+        return {
+            "model": self.model, "data": self.data, "precision": self.precision,
+            "target": {"name": self.target.name, "kind": self.target.kind,
+                       "memory_mb": round(self.target.memory_bytes / MB), "tflops":
+                       round(self.target.tflops, 3), "measured": self.target.measured},
+            "budget_mb": round(self.budget_bytes / MB, 1), "fits": self.fits,
+            "peak_memory_mb": round(self.peak_bytes / MB, 1),
+            "settings": option(self.chosen),
+            "memory_mb": {"without_checkpointing": self.without_checkpointing.as_mb(),
+                          "with_checkpointing": self.with_checkpointing.as_mb()},
+            "alternatives": [option(o) for o in self.alternatives],
+            "time": self.time, "cost": self.cost, "notes": self.notes}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _worst_batch(data: PlanData, batch_size: int) -> tuple[int, int]:
+    """(examples, labelled rows) of the largest micro-batch: the batcher puts the longest
+    examples together and that batch first, so its width is the longest example's."""
+    n = min(batch_size, len(data.lengths))
+    return n, sum(sorted(data.targets, reverse=True)[:n])
+
+
+def _padded_tokens(data: PlanData, batch_size: int, seed: int) -> int:
+    from afinar.data.batching import plan_batches
+
+    return sum(len(b) * max(data.lengths[i] for i in b)
+               for b in plan_batches(data.lengths, batch_size, seed, 0))
+
+
+def _flops_per_token(weights: WeightBudget, model_config, method: str, seq_len: float,
+                     target_share: float, checkpointing: bool) -> float:
+    """Forward: 2 FLOPs per linear weight, attention scores and mixing over the context, the
+    output head on labelled positions only. Backward: the gradient of the activations (2 per
+    weight), plus the weights' own gradients for full fine-tuning; checkpointing adds a
+    forward."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+    layers = int(getattr(text, "num_hidden_layers", 0))
+    heads = int(getattr(text, "num_attention_heads", 1))
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    attention = 2 * 2 * layers * heads * head_dim * seq_len / 2  # causal: half the context
+    head = 2 * text.hidden_size * text.vocab_size * target_share
+    forward = 2 * weights.linear_params + attention + head
+    backward = 2 * forward if method == "full" else forward
+    return forward * (3 if checkpointing else 2) + (backward - forward)
+
+
+def make_plan(config, model_config, data: PlanData, target: Target, precision: str,
+              budget_bytes: int, runtime_bytes: int, world_size: int = 1,
+              probe: ActivationProbe | None = None) -> Plan:
+    quant = config.quantization
+    lora = config.lora if config.method == "lora" else None
+    seq_len = max(data.lengths)
+    if probe is None:
+        probe = probe_activations(model_config, lora, precision, seq_len,
+                                  frozen_dtype=_probe_frozen_dtype(config, precision))
+
+    budgets: dict[str, WeightBudget] = {}
+
+    def weights_for(q: str) -> WeightBudget:
+        if q not in budgets:
+            budgets[q] = weight_budget(model_config, config.method, config.lora, precision, q)
+        return budgets[q]
+
+    def option(batch: int, accumulation: int, checkpointing: bool, q: str) -> Option:
+        n, rows = _worst_batch(data, batch)
+        parts = memory_parts(weights_for(q), probe, n, rows, checkpointing, runtime_bytes)
+        return Option(Settings(batch, accumulation, checkpointing, q), parts)
+
+    b, ga = config.batch_size, config.gradient_accumulation_steps
+    off, on = option(b, ga, False, quant), option(b, ga, True, quant)
+    wanted = config.gradient_checkpointing
+    if wanted == "auto":
+        chosen = off if off.peak_bytes <= budget_bytes else on
+    else:
+        chosen = on if wanted else off
+
+    alternatives = []
+    if chosen.peak_bytes > budget_bytes:
+        quants = [quant] + ([q for q in ("8bit", "4bit") if q != quant and
+                            (quant, q) != ("4bit", "8bit")] if config.method == "lora" else [])
+        for q in quants:
+            batch, accumulation = b, ga
+            while batch >= 1 and len(alternatives) < 3:
+                for ckpt in (False, True):
+                    candidate = option(batch, accumulation, ckpt, q)
+                    if candidate.peak_bytes <= budget_bytes:
+                        alternatives.append(candidate)
+                        break
+                else:
+                    batch, accumulation = batch // 2, accumulation * 2
+                    continue
+                break
+
+    weights = weights_for(quant)
+    padded = _padded_tokens(data, chosen.settings.batch_size, config.seed)
+    time = _time_estimate(config, model_config, data, target, weights, chosen.settings,
+                          world_size, padded)
+    return Plan(
+        model={"name": config.model, "architecture": type(model_config).__name__,
+               "parameters": weights.total_params, "linear_parameters": weights.linear_params,
+               "trainable_parameters": weights.trainable_params, "method": config.method,
+               "quantization": quant},
+        data={"train_examples": len(data.lengths), "tokens_per_epoch": sum(data.lengths),
+              "labelled_tokens_per_epoch": sum(data.targets), "longest_example": seq_len,
+              "epochs": data.epochs},
+        target=target, precision=precision, budget_bytes=budget_bytes, chosen=chosen,
+        alternatives=alternatives, without_checkpointing=off.memory,
+        with_checkpointing=on.memory, time=time,
+        cost=_costs(config, model_config, data, time, target, weights, chosen.settings,
+                    world_size, padded),
+        notes=_notes(chosen, budget_bytes, wanted))
+
+
+def _probe_frozen_dtype(config, precision: str):
+    import torch
+
+    from afinar.models.load import COMPUTE_DTYPES, frozen_linear_dtype
+
+    if config.quantization != "none":  # bitsandbytes layers compute in the compute dtype
+        return COMPUTE_DTYPES.get(precision, torch.float32)
+    return frozen_linear_dtype(config.method, config.lora.dora, precision)
+
+
+def _efficiency(config, target: Target) -> float:
+    if target.kind == "cpu":
+        return CPU_EFFICIENCY
+    mfu = hardware_table()["mfu"]
+    if config.quantization != "none":
+        return float(mfu["quantized"])
+    return float(mfu["full" if config.method == "full" else "lora"])
+
+
+def _time_estimate(config, model_config, data: PlanData, target: Target, weights: WeightBudget,
+                   settings: Settings, world_size: int, padded: int) -> dict:
+    share = sum(data.targets) / max(1, padded)
+    mean_len = padded / max(1, len(data.lengths))
+    per_token = _flops_per_token(weights, model_config, config.method, mean_len, share,
+                                 settings.gradient_checkpointing)
+    efficiency = _efficiency(config, target)
+    rate = target.tflops * 1e12 * efficiency * world_size
+    train_seconds = padded * data.epochs * per_token / rate
+    eval_per_token = _flops_per_token(weights, model_config, "lora", mean_len, share, False) / 3
+    eval_seconds = data.held_out_tokens * data.evaluations * eval_per_token / rate
+    return {"flops_per_token": round(per_token), "padded_tokens_per_epoch": padded,
+            "tokens_per_s": round(rate / per_token, 1), "efficiency": efficiency,
+            "throughput_source": "measured here" if target.measured else "datasheet × mfu",
+            "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1)}
+
+
+def _costs(config, model_config, data: PlanData, time: dict, target: Target, weights,
+           settings: Settings, world_size: int, padded: int) -> dict:
+    from afinar.plan.hardware import find_target
+
+    hours = (time["train_seconds"] + time["eval_seconds"]) / 3600
+    table = hardware_table()
+    gpus = []
+    for gpu in table["gpus"]:
+        other = find_target(gpu["name"])
+        t = _time_estimate(config, model_config, data, other, weights, settings, world_size,
+                           padded)
+        h = (t["train_seconds"] + t["eval_seconds"]) / 3600
+        gpus.append({"gpu": gpu["name"], "memory_gb": gpu["memory_gb"], "hours": round(h, 3),
+                     "price_per_hour": gpu.get("price_per_hour"),
+                     "usd": round(h * gpu["price_per_hour"], 2)
+                     if gpu.get("price_per_hour") is not None else None})
+    billed = sum(data.lengths) * data.epochs
+    openai = {model: round(billed / 1e6 * price, 2)
+              for model, price in table["openai_training_per_million_tokens"].items()}
+    return {"target_hours": round(hours, 3),
+            "target_usd": round(hours * target.price_per_hour, 2)
+            if target.price_per_hour is not None else None,
+            "gpus": gpus, "openai_billed_tokens": billed, "openai_usd": openai}
+
+
+def _notes(chosen: Option, budget: int, wanted) -> list[str]:
+    notes = []
+    if wanted == "auto":
+        notes.append("gradient checkpointing " + (
+            "on: the activations do not fit without it" if chosen.settings.gradient_checkpointing
+            else "off: the activations fit (it would cost about a third more compute)"))
+    if chosen.peak_bytes > budget:
+        notes.append(f"does not fit: needs ≈ {chosen.peak_bytes / MB:,.0f} MB, budget "
+                     f"{budget / MB:,.0f} MB")
+    return notes
+
+
+def with_settings(config, settings: Settings):
+    """The config with a plan's settings applied (for suggestions a user can copy)."""
+    return config.model_copy(update={
+        "batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "quantization": settings.quantization})
+
