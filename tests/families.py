@@ -113,6 +113,7 @@ class Family:
     system: str = "own"
     # Why `--to gguf` refuses this tiny model (a regex of the error; each points to --to merged).
     gguf_error: str = "does not support the .* architecture"
+    ollama_error: str = "does not support the .* architecture"
     notes: dict = field(default_factory=dict)
 
 
@@ -178,16 +179,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                                "<|start_header_id|>", "<|end_header_id|>",
                                                "<|eot_id|>"),
            stops=("<|end_of_text|>",), adds_bos=True, config=_llama,
-           gguf_error="rope scaling 'llama3'"),
+           gguf_error="rope scaling 'llama3'",
+           ollama_error="Ollama TEMPLATE: it writes an empty system block"),
     Family("qwen2.5", QWEN25, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
            end_of_turn="<|im_end|>", specials=(), stops=("<|endoftext|>",), config=_qwen2,
-           gguf_error=r"normalizer \(NFC\)"),  # transformers' Qwen2Tokenizer adds NFC
+           # transformers' Qwen2Tokenizer adds NFC, as the published tokenizer.json has it.
+           gguf_error=r"normalizer \(NFC\)", ollama_error=r"normalizer \(NFC\)"),
     Family("qwen3", QWEN3, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
            end_of_turn="<|im_end|>", specials=(), stops=("<|endoftext|>",),
            added=("<think>", "</think>"), config=_qwen3),
     Family("mistral", MISTRAL, bos="<s>", eos="</s>", pad=None, end_of_turn="</s>",
            specials=("[INST]", "[/INST]"), adds_bos=True, system="last_user", config=_mistral,
-           gguf_error="sliding-window attention"),
+           gguf_error="sliding-window attention", ollama_error="sliding-window attention"),
     Family("gemma2", GEMMA2, bos="<bos>", eos="<eos>", pad="<pad>", end_of_turn="<end_of_turn>",
            specials=("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
            stops=("<end_of_turn>",), adds_bos=True, system="refused", config=_gemma2),

@@ -246,6 +246,10 @@ def test_train_evaluate_chat_and_export(name, family_dir, small_chat_file, tmp_p
                notify=lambda message: None)
     assert "export --to merged works" in str(caught.value)
     assert not (tmp_path / "gguf").exists()
+    with pytest.raises(AfinarError, match=family.ollama_error):  # GGUF + a Go TEMPLATE
+        export(str(run), to="ollama", output=str(tmp_path / "ollama"), verify=False,
+               notify=lambda message: None)
+    assert not (tmp_path / "ollama").exists()
 
 
 def test_gemma2_system_prompt_joins_the_first_user_turn_everywhere(family_dir, tmp_path):

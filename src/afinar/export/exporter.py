@@ -326,9 +326,12 @@ def _gguf_adapter(job: _Job):
 
 
 def _ollama(job: _Job):
-    from afinar.export import ollama
+    from afinar.export import gguf_arch, ollama
 
-    pieces = ollama.template_pieces(job.loaded.tokenizer)  # fails early if not expressible
+    # Both fail before anything is written; an unsupported architecture is said first, since
+    # no hand-written TEMPLATE could get around it.
+    gguf_arch.arch_for(job.loaded.model.config)
+    pieces = ollama.template_pieces(job.loaded.tokenizer)
     path = _write_gguf_file(job)
     tok = job.loaded.tokenizer
     stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})
