@@ -38,20 +38,26 @@ def _corpus() -> list[str]:
     return lines + ["hello world", "the quick brown fox", "system user assistant"]
 
 
-def build_tokenizer(template: str = CHATML, bos: str | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(template: str = CHATML, bos: str | None = None, eos: str = "<|im_end|>",
+                    pad: str | None = "<|im_end|>", extra_specials: tuple[str, ...] = (),
+                    added: tuple[str, ...] = ()):
+    """`extra_specials`: more special tokens (a family's control tokens); `added`: tokens kept
+    whole but decoded as text (like Qwen3's <think>)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", *extra_specials]
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
         vocab_size=600, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>",
-        pad_token="<|im_end|>", bos_token=bos)
+        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token=eos, pad_token=pad,
+        bos_token=bos)
     fast.chat_template = template
     return fast
 

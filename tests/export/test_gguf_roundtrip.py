@@ -149,3 +149,18 @@ def test_forgetting_the_qk_reordering_is_caught_by_logits(tmp_path, tiny_tokeniz
     with LlamaCpp(path, logits_all=True) as llm:
         got = llm.logits(ids)
     assert np.abs(got - want).max() / (want.max() - want.min()) > LOGIT_TOLERANCE["f32"] * 10
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused_clearly():
+    from transformers import MistralConfig, Qwen2Config
+
+    from afinar.errors import AfinarError
+
+    with pytest.raises(AfinarError, match="last 16 tokens") as caught:
+        gguf_arch.arch_for(MistralConfig(sliding_window=16, max_position_embeddings=512))
+    assert "--to merged" in caught.value.hint
+    assert gguf_arch.arch_for(MistralConfig(sliding_window=None)).gguf_arch == "LLAMA"
+    assert gguf_arch.arch_for(Qwen2Config()).gguf_arch == "QWEN2"  # window off by default
+    with pytest.raises(AfinarError, match="sliding-window"):
+        gguf_arch.arch_for(Qwen2Config(use_sliding_window=True, sliding_window=16,
+                                       num_hidden_layers=4, max_window_layers=2))

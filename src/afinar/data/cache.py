@@ -18,7 +18,7 @@ from typing import Callable
 from afinar.data.tokenize import ChatEncoder, Tokenized
 from afinar.paths import afinar_home
 
-_VERSION = "1"  # bump when the encoding logic changes
+_VERSION = "2"  # bump when the encoding logic changes
 
 
 def tokenizer_fingerprint(encoder: ChatEncoder) -> str:

@@ -97,6 +97,11 @@ def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
     if not train:
         raise DataError("no training example is left after applying max_seq_length", report,
                         "raise max_seq_length or use overflow=truncate")
+    if encoder.merges_system and any(ex.is_chat and ex.messages[0].role == "system"
+                                     for ex in report.examples):
+        warnings.append("this model's chat template has no system role: system messages are "
+                        "joined to the first user message (as Gemma's own templates do), in "
+                        "training and at inference alike")
     if summary["stats"].get("contradiction_groups"):
         warnings.append(f"{len(summary['stats']['contradiction_groups'])} prompt(s) have "
                         "different answers in the data (lines "

@@ -189,8 +189,11 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
     ours = [job.loaded.prompt_ids(conversation) for conversation in golden]
     job.notify(f"  the trained model answers {len(golden)} prompts")
     refs = [_reference(job.loaded, ids, max_new_tokens) for ids in ours]
-    # The export's side in one go: llama.cpp runs in one child process.
-    side = answer(golden, ours, None if exact else refs)
+    # The export's side in one go: llama.cpp runs in one child process. It is given the
+    # conversations as the template accepts them (a system message joined to the first user
+    # message where the template has no system role, as afinar's own encoder does).
+    side = answer([job.loaded.encoder.renderable(c) for c in golden], ours,
+                  None if exact else refs)
     report.tokenizer_mismatches = side.tokenizer_mismatches
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     for k, conversation in enumerate(golden):
@@ -323,9 +326,12 @@ def _gguf_adapter(job: _Job):
 
 
 def _ollama(job: _Job):
-    from afinar.export import ollama
+    from afinar.export import gguf_arch, ollama
 
-    pieces = ollama.template_pieces(job.loaded.tokenizer)  # fails early if not expressible
+    # Both fail before anything is written; an unsupported architecture is said first, since
+    # no hand-written TEMPLATE could get around it.
+    gguf_arch.arch_for(job.loaded.model.config)
+    pieces = ollama.template_pieces(job.loaded.tokenizer)
     path = _write_gguf_file(job)
     tok = job.loaded.tokenizer
     stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})

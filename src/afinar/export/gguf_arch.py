@@ -32,10 +32,27 @@ ARCHS: dict[str, ArchSpec] = {
 
 
 def arch_for(config) -> ArchSpec:
-    if config.model_type in ARCHS:
-        return ARCHS[config.model_type]
-    raise AfinarError(f"GGUF export does not support the {config.model_type!r} architecture",
-                      "supported: " + ", ".join(ARCHS) + "; export --to merged works for any model")
+    if config.model_type not in ARCHS:
+        raise AfinarError(f"GGUF export does not support the {config.model_type!r} architecture",
+                          "supported: " + ", ".join(ARCHS) + "; export --to merged works for any "
+                          "model")
+    _check_sliding_window(config)
+    return ARCHS[config.model_type]
+
+
+def _check_sliding_window(config) -> None:
+    """llama.cpp's llama and qwen2 architectures attend to the whole context: a model trained
+    with a shorter sliding window (Mistral v0.1) would answer differently past the window."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or window >= config.max_position_embeddings or (
+            layer_types is not None and "sliding_attention" not in layer_types):
+        return
+    raise AfinarError(
+        f"GGUF export: this {config.model_type} model attends only to the last {window} tokens "
+        "(sliding-window attention), which llama.cpp's architecture for it does not do: past "
+        f"{window} tokens the GGUF file would answer differently from the trained model",
+        "export --to merged works for this model (transformers applies the window)")
 
 
 def head_dim(config) -> int:

@@ -5,6 +5,9 @@
 
 A run directory is loaded with the tokenizer (and so the chat template and stop tokens) it was
 trained with: the prompt at inference is the prompt the model learned on.
+
+Reasoning models (Qwen3, DeepSeek-R1 distills) open their answer with a `<think>...</think>`
+block (an empty one when trained on plain answers); the answer returned is what follows it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,23 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def _after_reasoning(text: str) -> tuple[str, bool]:
+    """(the answer after a leading <think>...</think> block, whether that block may still be
+    open: while it is, nothing of the answer is known yet)."""
+    head = text.lstrip()
+    if head.startswith(_THINK_OPEN):
+        close = head.find(_THINK_CLOSE)
+        if close < 0:
+            return "", True
+        return head[close + len(_THINK_CLOSE):].lstrip(), False
+    if head and _THINK_OPEN.startswith(head):
+        return "", True  # the first pieces of what may be "<think>"
+    return text, False
+
+
 def _as_messages(conversation) -> list[Message]:
     return [m if isinstance(m, Message) else Message(m["role"], m["content"])
             for m in conversation]
@@ -95,7 +115,7 @@ class LoadedModel:
         ids = new_ids.tolist()
         ended = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
         kept = ids if ended is None else ids[:ended + 1]  # the end-of-turn token counts
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        text = _after_reasoning(self.tokenizer.decode(kept, skip_special_tokens=True))[0]
         text, stopped = _cut_at_stop(text, settings.stop)
         finish = "stop" if ended is not None or stopped or len(kept) < settings.max_new_tokens \
             else "length"
@@ -149,17 +169,21 @@ class LoadedModel:
         sent, text, stopped = "", "", False
         # A stop string may arrive split over pieces: hold back what could be its beginning.
         hold = max((len(stop) - 1 for stop in settings.stop if stop), default=0)
+        answer = ""
         for piece in streamer:
             text += piece
-            cut, stopped = _cut_at_stop(text, settings.stop)
-            upto = len(cut) if stopped else max(len(sent), len(text) - hold)
+            answer, thinking = _after_reasoning(text)
+            if thinking:
+                continue
+            cut, stopped = _cut_at_stop(answer, settings.stop)
+            upto = len(cut) if stopped else max(len(sent), len(answer) - hold)
             if upto > len(sent):
-                yield text[len(sent):upto]
-                sent = text[:upto]
+                yield answer[len(sent):upto]
+                sent = answer[:upto]
             if stopped:
                 break  # generate() itself stops at the stop string (stop_strings) soon after
-        if not stopped and len(text) > len(sent):
-            yield text[len(sent):]
+        if not stopped and len(answer) > len(sent):
+            yield answer[len(sent):]
         worker.join()
         if result is not None and "ids" in output:
             width = batch["input_ids"].shape[1]
