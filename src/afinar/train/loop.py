@@ -44,6 +44,7 @@ from afinar.paths import sha256_file
 from afinar.plan.run import does_not_fit_error, plan_for_config
 from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
+from afinar.train.host_memory import return_freed_memory
 from afinar.train.losses import SupervisedLoss
 
 Event = Callable[[dict], None]
@@ -244,6 +245,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
 
     accelerator = make_accelerator(device, precision)
     set_seed(config.seed)
+    if accelerator.device.type == "cpu":
+        return_freed_memory()
     model = load_training_model(
         resolved, frozen_linear_dtype(config.method, config.lora.dora, precision),
         config.quantization, COMPUTE_DTYPES.get(precision, torch.float32),
