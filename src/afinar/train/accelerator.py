@@ -9,11 +9,16 @@ notebook, the serve worker running queued jobs one after another, the test suite
 precision its own config picks, so the precision part of that state is reset between runs. The
 process part (`PartialState`: ranks, the process group under torchrun) is kept: it is the same
 for every run of a process and tearing it down would break multi-process runs.
+
+FSDP and DeepSpeed launches (`accelerate launch --config_file ...`) are checked here, before any
+weights are loaded (train/sharding.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from afinar.train import sharding
 
 # afinar's precision names -> accelerate's mixed_precision values
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -33,4 +38,10 @@ def make_accelerator(device: torch.device, precision: str):
             # one); under torchrun the process group stays.
             single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
             AcceleratorState._reset_state(reset_partial_state=single)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    sharding.check_launch()
+    # accelerate ignores a DeepSpeed launch when built with cpu=True; without a GPU it then
+    # runs DeepSpeed on CPU (one process).
+    accelerator = Accelerator(cpu=device.type == "cpu" and not sharding.deepspeed_requested(),
+                              mixed_precision=mixed)
+    sharding.check_engine(accelerator)
+    return accelerator

@@ -4,7 +4,8 @@
     result = train(TrainConfig(data="examples/soporte-triaje/data.jsonl"))
 
 Runs single-process on CPU or GPU, and multi-process under `torchrun`/`accelerate launch`
-(accelerate provides device placement, autocast and DDP). Progress is reported as plain dict
+(accelerate provides device placement, autocast and DDP; FSDP2 and DeepSpeed ZeRO with what
+differs for a sharded model in train/sharding.py). Progress is reported as plain dict
 events to `on_event`, so the CLI, the server and tests observe the same run.
 """
 
@@ -18,7 +19,6 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +42,7 @@ from afinar.models.registry import BASE_MODELS, resolve_model
 from afinar.models.shape import read_model_config
 from afinar.paths import sha256_file
 from afinar.plan.run import does_not_fit_error, plan_for_config
+from afinar.train import sharding
 from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
 from afinar.train.host_memory import return_freed_memory
@@ -112,10 +113,12 @@ class _Metrics:
                 handle.write(json.dumps(record) + "\n")
 
 
-def _save_folder_atomic(model, dest: Path) -> None:
+def _save_folder_atomic(model, dest: Path, state_dict: dict | None = None) -> None:
+    """`state_dict`: full tensors gathered from a sharded model (None: read the model)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -293,16 +296,16 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
 
     optimizer = _build_optimizer(model, config, lr)
     scheduler = _build_scheduler(optimizer, config, total_steps)
-    # The scheduler is not given to accelerate: it would step it once per process.
-    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    # The scheduler is not given to accelerate: it would step it once per process. FSDP2 and
+    # DeepSpeed take the optimizer built before wrapping (accelerate remaps its parameters).
+    loss_model, optimizer = sharding.prepare(accelerator, loss_model, optimizer, config, say)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
 
     state = ckpt.TrainState()
     resumed_from = ckpt.latest_checkpoint(run) if resume else None
     if resumed_from:
         payload = ckpt.load_checkpoint(resumed_from)
-        adapters.load_trainable_state(model, payload["trainable"])
-        state = ckpt.restore(payload, optimizer, scheduler)
+        state = sharding.restore(accelerator, loss_model, model, optimizer, scheduler, payload, run)
         say(f"resumed from {resumed_from} (step {state.global_step}, epoch {state.epoch + 1})")
     elif resume:
         say(f"{run}: no checkpoint found; starting from the beginning", "warning")
@@ -328,9 +331,10 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         if improved:
             state.best_eval_loss, state.best_step = result["eval_loss"], state.global_step
             state.evals_without_improvement = 0
+            weights = sharding.full_weights(accelerator, loss_model, model)  # all ranks
             if main:
                 _save_folder_atomic(accelerator.unwrap_model(loss_model).model,
-                                    ckpt.checkpoints_dir(run) / "best")
+                                    ckpt.checkpoints_dir(run) / "best", weights)
         else:
             state.evals_without_improvement += 1
         state.history.append((state.global_step, last_train_loss, result["eval_loss"]))
@@ -361,8 +365,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
             sums = torch.zeros(2, dtype=torch.float64)
             for k, batch in enumerate(group):
                 batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-                sync = (accelerator.no_sync(loss_model) if world > 1 and k < len(group) - 1
-                        else nullcontext())
+                sync = sharding.accumulating(accelerator, loss_model, last=k == len(group) - 1)
                 with sync, accelerator.autocast():
                     loss_sum, _, correct = loss_model(**batch)
                     # Normalised by the target tokens of the whole accumulated batch on all
@@ -406,11 +409,15 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                     say(f"early stopping at step {state.global_step}: held-out loss has not "
                         f"improved for {state.evals_without_improvement} evaluations (best "
                         f"{state.best_eval_loss:.4f} at step {state.best_step})")
+            if state.global_step % save_steps == 0 or stop:  # every rank: shards, RNG states
+                saved_weights, saved_optimizer, saved_rng = sharding.gather_checkpoint(
+                    accelerator, loss_model, model, optimizer, run, state.global_step)
             if main and (state.global_step % save_steps == 0 or stop):
                 state_elapsed = state.elapsed_s
                 state.elapsed_s += time.perf_counter() - run_start
-                saved = ckpt.save_checkpoint(run, state, adapters.trainable_state(model),
-                                             optimizer, scheduler, keep=config.keep_checkpoints)
+                saved = ckpt.save_checkpoint(run, state, saved_weights, saved_optimizer,
+                                             scheduler, keep=config.keep_checkpoints,
+                                             rng_ranks=saved_rng)
                 emit({"type": "checkpoint", "step": state.global_step, "path": str(saved),
                       "train_loss": last_train_loss})
                 state.elapsed_s = state_elapsed
@@ -437,6 +444,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                "gradient_checkpointing": checkpointing, "quantization": config.quantization,
                "planned_peak_memory_mb": round(plan.peak_bytes / 2**20, 1),
                "held_out_examples": len(data.held)}
+    weights = sharding.full_weights(accelerator, loss_model, model)  # all ranks; None unsharded
     if main:
         dest = run / (rundir.ADAPTER_DIR if config.method == "lora" else rundir.FULL_MODEL_DIR)
         best = ckpt.checkpoints_dir(run) / "best"
@@ -447,7 +455,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                 shutil.rmtree(dest)
             tmp.rename(dest)
         else:
-            _save_folder_atomic(accelerator.unwrap_model(loss_model).model, dest)
+            _save_folder_atomic(accelerator.unwrap_model(loss_model).model, dest, weights)
         _write_run_info(run, config, "succeeded", summary=summary,
                         weights=dest.name, finished_at=datetime.now(timezone.utc).isoformat(
                             timespec="seconds"))

@@ -55,15 +55,24 @@ def checkpoints_dir(run: Path) -> Path:
     return run / rundir.CHECKPOINTS_DIR
 
 
-def save_checkpoint(run: Path, state: TrainState, trainable: dict, optimizer, scheduler,
-                    keep: int = 1) -> Path:
+def rng_state() -> dict:
+    """This process's RNG states (each process of a multi-process run has its own)."""
+    return _rng_state()
+
+
+def save_checkpoint(run: Path, state: TrainState, trainable: dict, optimizer_state: dict,
+                    scheduler, keep: int = 1, rng_ranks: list | None = None) -> Path:
+    """`trainable`: full tensors; `optimizer_state`: the optimizer's state_dict, or what
+    train/sharding.py gathered from a sharded one; `rng_ranks`: every process's RNG states
+    (by rank) in a multi-process run, so that dropout continues on each as if uninterrupted."""
     folder = checkpoints_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.global_step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     torch.save({"state": asdict(state), "trainable": trainable,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, tmp / "state.pt")
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), **({"rng_ranks": rng_ranks} if rng_ranks else {})},
+               tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -81,8 +90,11 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
 
 
-def restore(payload: dict, optimizer, scheduler) -> TrainState:
-    optimizer.load_state_dict(payload["optimizer"])
+def restore(payload: dict, optimizer, scheduler, rank: int = 0, world: int = 1) -> TrainState:
+    """`optimizer` None: its state was already loaded (sharded, by train/sharding.py)."""
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    _set_rng_state(payload["rng"])
+    ranks = payload.get("rng_ranks")
+    _set_rng_state(ranks[rank] if ranks and len(ranks) == world else payload["rng"])
     return TrainState(**payload["state"])
