@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from afinar.cli_models import models_app
+from afinar.cli_plan import plan as plan_command
 from afinar.console import TrainProgress, console, out, print_issues, user_errors
 from afinar.errors import AfinarError
 from afinar.models.registry import DEFAULT_MODEL
@@ -23,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune open LLMs from a JSONL file: validate, train, evaluate, keep "
                   "versions, chat, generate.")
 app.add_typer(models_app, name="models")
+app.command("plan")(plan_command)
 
 
 def _quiet_libraries() -> None:

@@ -13,8 +13,13 @@ Parts, in bytes (what each costs and why):
   each layer's input plus one layer's worth recomputed.
 - loss: the labelled rows of the last hidden state, and one chunk of the output head's logits in
   fp32 with its gradient (train/losses.py computes the head in chunks of 1,024 rows).
-- backward working set: the gradient flowing back through the residual stream (two fp32 copies)
-  and one layer's temporaries.
+- backward working set: the gradients of the activations, and the forward's temporaries that
+  are not kept: measured at about 0.8 of the kept activations on a CPU (bench/bench_plan.py,
+  the embedded model at batch sizes 1, 2 and 4).
+
+On a CPU the peak can also come while the weights load: the checkpoint file is memory-mapped
+(its pages count as resident while they are read) and every tensor whose dtype changes is a
+copy beside it; tensors kept in the file's dtype stay views of the mapped pages.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ INT8_BYTES_PER_WEIGHT = 1.0  # + one fp32 scale per output row, added per layer
 ADAMW_BYTES_PER_WEIGHT = 8  # two fp32 moments
 LOSS_CHUNK_ROWS = 1024  # train/losses.py CHUNK_ROWS
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BACKWARD_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,56 @@ def memory_parts(weights: WeightBudget, probe: ActivationProbe, batch_size: int,
     chunk = min(rows, LOSS_CHUNK_ROWS)
     # rows kept for the chunks' recomputation + one chunk's fp32 logits, their softmax and grad
     loss = rows * probe.hidden_size * 4 + chunk * probe.vocab_size * 4 * 3
-    residual_grad = 2 * batch_size * probe.seq_len * probe.hidden_size * 4
-    backward = residual_grad + batch_size * max(probe.per_layer_bytes, default=0)
+    backward = int(BACKWARD_SHARE * activations)
     trainable = weights.trainable_params
     return MemoryParts(runtime=runtime_bytes, weights=weights.weights_bytes,
                        gradients=trainable * 4, optimizer=trainable * ADAMW_BYTES_PER_WEIGHT,
                        activations=activations, loss=loss, backward=backward)
+
+
+def checkpoint_bytes(folder) -> dict[str, int]:
+    """Bytes per dtype ("F32", "BF16", ...) of a folder's safetensors files, from their headers
+    (the first few KB of each file); {} when there are none."""
+    import json
+    import struct
+    from pathlib import Path
+
+    sizes: dict[str, int] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                sizes[info["dtype"]] = sizes.get(info["dtype"], 0) + end - start
+    return sizes
+
+
+_SAFETENSORS_DTYPE = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+
+
+def resident_weights(file_bytes: dict[str, int], weights: WeightBudget, frozen_dtype: str,
+                     quantized: bool) -> tuple[int, int]:
+    """(bytes the weights hold resident during training, extra bytes while they load) on a
+    CPU. Tensors kept in the file's dtype are views of the memory-mapped checkpoint, and then
+    the whole mapped file stays resident for the run; converted tensors are copies, and the
+    mapped file is only resident while they are made."""
+    total_file = sum(file_bytes.values())
+    if not total_file:
+        return weights.weights_bytes, 0
+    def mostly(dtype: str) -> bool:
+        return file_bytes.get(dtype, 0) >= total_file * 0.9
+
+    copied = weights.weights_bytes
+    views = False
+    if not quantized and mostly(_SAFETENSORS_DTYPE.get(frozen_dtype, "")):
+        copied -= int(weights.linear_params * COMPUTE_BYTES[frozen_dtype])
+        views = True
+    if mostly("F32"):  # embeddings, norms and biases are kept in fp32
+        copied -= (weights.total_params - weights.linear_params) * 4
+        views = True
+    copied = max(0, copied)
+    if views:
+        return total_file + copied, 0
+    return copied, total_file

@@ -11,16 +11,18 @@ the run directory) and stops before loading the weights when the run cannot fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from afinar.plan.activations import ActivationProbe, probe_activations
 from afinar.plan.hardware import Target, hardware_table
-from afinar.plan.memory import MB, MemoryParts, WeightBudget, memory_parts, weight_budget
+from afinar.plan.memory import (MB, MemoryParts, WeightBudget, memory_parts, resident_weights,
+                                weight_budget)
 
 # Share of the measured matmul peak a LoRA training step reaches on a CPU (norms, rotary,
 # softmax, the optimizer and Python between the matmuls): measured with the embedded model on a
 # 2-core Zen 3 in fp32 (bench/bench_plan.py prints the ratio of estimated to measured time).
 CPU_EFFICIENCY = 0.45
+CUDA_CONTEXT_BYTES = 500 * MB  # the CUDA context and cuBLAS workspace, outside torch's count
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,11 @@ class Settings:
 class Option:
     settings: Settings
     memory: MemoryParts
+    loading_bytes: int = 0  # resident while the weights load (CPU); 0 when not known
 
     @property
     def peak_bytes(self) -> int:
-        return self.memory.total
+        return max(self.memory.total, self.loading_bytes)
 
 
 @dataclass
@@ -155,7 +158,10 @@ def _flops_per_token(weights: WeightBudget, model_config, method: str, seq_len: 
 
 def make_plan(config, model_config, data: PlanData, target: Target, precision: str,
               budget_bytes: int, runtime_bytes: int, world_size: int = 1,
-              probe: ActivationProbe | None = None) -> Plan:
+              probe: ActivationProbe | None = None, file_bytes: dict | None = None) -> Plan:
+    """file_bytes: the checkpoint's bytes per dtype (memory.checkpoint_bytes), for the loading
+    peak on a CPU; None when the files are not local."""
+    file_bytes = file_bytes or {}
     quant = config.quantization
     lora = config.lora if config.method == "lora" else None
     seq_len = max(data.lengths)
@@ -170,10 +176,17 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
             budgets[q] = weight_budget(model_config, config.method, config.lora, precision, q)
         return budgets[q]
 
+    frozen = _stored_dtype(config, precision)
+
     def option(batch: int, accumulation: int, checkpointing: bool, q: str) -> Option:
         n, rows = _worst_batch(data, batch)
         parts = memory_parts(weights_for(q), probe, n, rows, checkpointing, runtime_bytes)
-        return Option(Settings(batch, accumulation, checkpointing, q), parts)
+        loading = 0
+        if target.kind == "cpu":  # a GPU's memory never holds the mapped file
+            resident, mapped = resident_weights(file_bytes, weights_for(q), frozen, q != "none")
+            parts = replace(parts, weights=resident)
+            loading = runtime_bytes + mapped + resident if mapped else 0
+        return Option(Settings(batch, accumulation, checkpointing, q), parts, loading)
 
     b, ga = config.batch_size, config.gradient_accumulation_steps
     off, on = option(b, ga, False, quant), option(b, ga, True, quant)
@@ -216,8 +229,15 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
         alternatives=alternatives, without_checkpointing=off.memory,
         with_checkpointing=on.memory, time=time,
         cost=_costs(config, model_config, data, time, target, weights, chosen.settings,
-                    world_size, padded),
+                    world_size, padded, chosen.memory),
         notes=_notes(chosen, budget_bytes, wanted))
+
+
+def _stored_dtype(config, precision: str) -> str:
+    """How the loop keeps frozen linear weights: "bf16"/"fp16" or "fp32"."""
+    if config.method == "lora" and not config.lora.dora and precision in ("bf16", "fp16"):
+        return precision
+    return "fp32"
 
 
 def _probe_frozen_dtype(config, precision: str):
@@ -257,20 +277,25 @@ def _time_estimate(config, model_config, data: PlanData, target: Target, weights
 
 
 def _costs(config, model_config, data: PlanData, time: dict, target: Target, weights,
-           settings: Settings, world_size: int, padded: int) -> dict:
+           settings: Settings, world_size: int, padded: int, memory: MemoryParts) -> dict:
     from afinar.plan.hardware import find_target
 
     hours = (time["train_seconds"] + time["eval_seconds"]) / 3600
     table = hardware_table()
+    # On a GPU: the training parts without this CPU process's own memory or its mapped file,
+    # plus the CUDA context.
+    gpu_need = (memory.total - memory.runtime - memory.weights + weights.weights_bytes
+                + CUDA_CONTEXT_BYTES)
     gpus = []
     for gpu in table["gpus"]:
         other = find_target(gpu["name"])
         t = _time_estimate(config, model_config, data, other, weights, settings, world_size,
                            padded)
-        h = (t["train_seconds"] + t["eval_seconds"]) / 3600
-        gpus.append({"gpu": gpu["name"], "memory_gb": gpu["memory_gb"], "hours": round(h, 3),
+        seconds = t["train_seconds"] + t["eval_seconds"]
+        gpus.append({"gpu": gpu["name"], "memory_gb": gpu["memory_gb"],
+                     "fits": gpu_need <= other.memory_bytes, "seconds": round(seconds, 1),
                      "price_per_hour": gpu.get("price_per_hour"),
-                     "usd": round(h * gpu["price_per_hour"], 2)
+                     "usd": round(seconds / 3600 * gpu["price_per_hour"], 4)
                      if gpu.get("price_per_hour") is not None else None})
     billed = sum(data.lengths) * data.epochs
     openai = {model: round(billed / 1e6 * price, 2)
@@ -283,6 +308,9 @@ def _costs(config, model_config, data: PlanData, time: dict, target: Target, wei
 
 def _notes(chosen: Option, budget: int, wanted) -> list[str]:
     notes = []
+    if chosen.loading_bytes > chosen.memory.total:
+        notes.append(f"the peak comes while the weights load (≈ {chosen.loading_bytes / MB:,.0f} "
+                     "MB: the mapped checkpoint plus converted copies), not during training")
     if wanted == "auto":
         notes.append("gradient checkpointing " + (
             "on: the activations do not fit without it" if chosen.settings.gradient_checkpointing

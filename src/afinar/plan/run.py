@@ -14,7 +14,7 @@ from typing import Callable
 from afinar.config import TrainConfig, auto_epochs, parse_memory
 from afinar.errors import AfinarError
 from afinar.plan.hardware import Target, find_target, process_rss, this_machine
-from afinar.plan.memory import MB
+from afinar.plan.memory import MB, checkpoint_bytes
 from afinar.plan.planner import Plan, PlanData, make_plan, with_settings
 
 EVALUATIONS = 11  # the loop evaluates about 10 times, plus the base model's held-out loss
@@ -28,7 +28,8 @@ def _budget(config: TrainConfig, target: Target, runtime: int) -> int:
 
 
 def plan_for_config(config: TrainConfig, train, held, epochs: int, device, precision: str,
-                    model_config=None, target: Target | None = None) -> Plan:
+                    model_config=None, target: Target | None = None,
+                    weights_folder: str | None = None) -> Plan:
     from afinar.models.shape import read_model_config
 
     model_config = model_config or read_model_config(config.model)
@@ -40,7 +41,8 @@ def plan_for_config(config: TrainConfig, train, held, epochs: int, device, preci
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = PlanData.from_tokenized(train, epochs, held, EVALUATIONS)
     return make_plan(config, model_config, data, target, precision,
-                     _budget(config, target, runtime), runtime, world)
+                     _budget(config, target, runtime), runtime, world,
+                     file_bytes=checkpoint_bytes(weights_folder) if weights_folder else None)
 
 
 def plan_command(config: TrainConfig, device_name: str | None = None,
@@ -73,8 +75,10 @@ def plan_command(config: TrainConfig, device_name: str | None = None,
         device = pick_device(config.device)
         precision = pick_precision(config.precision, device)
         target = None
+    weights = resolve_model(config.model, notify=notify).weights \
+        if os.path.isdir(source) else None
     return plan_for_config(config, data.train, data.held, epochs, device, precision,
-                           model_config=model_config, target=target)
+                           model_config=model_config, target=target, weights_folder=weights)
 
 
 def _epochs_for_steps(config: TrainConfig, n_train: int) -> float:

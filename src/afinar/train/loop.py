@@ -240,7 +240,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     # The memory plan, from the model's configuration and the data's lengths: a run that
     # cannot fit stops here, before the weights load, with the settings that would fit.
     plan = plan_for_config(config, data.train, data.held, epochs, device, precision,
-                           model_config=read_model_config(resolved.weights))
+                           model_config=read_model_config(resolved.weights),
+                           weights_folder=resolved.weights)
     say(plan.summary_line())
     if not plan.fits:
         raise does_not_fit_error(plan, config)
