@@ -11,6 +11,7 @@ answers (temperature > 0) are never cached.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -38,10 +39,13 @@ def model_fingerprint(loaded, settings) -> str:
 
     resolved = loaded.resolved
     digest = hashlib.sha256(_VERSION.encode())
+    # A QLoRA run's base weights are what bitsandbytes makes of the files.
+    quantized = [] if resolved.quantization == "none" else [
+        resolved.quantization, resolved.precision, importlib.metadata.version("bitsandbytes")]
     digest.update(json.dumps([
         _files_signature(resolved.weights), _files_signature(resolved.adapter),
         tokenizer_fingerprint(loaded.encoder), sorted(loaded.stop_ids), settings.kwargs(),
-        str(loaded.device), torch.__version__, transformers.__version__]).encode())
+        str(loaded.device), torch.__version__, transformers.__version__, *quantized]).encode())
     return digest.hexdigest()[:32]
 
 

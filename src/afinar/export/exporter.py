@@ -30,6 +30,7 @@ from afinar.export.gguf_write import DIRECT_TYPES, write_adapter_gguf, write_mod
 from afinar.export.merged import DTYPES as MERGED_TYPES
 from afinar.export.merged import MergedRunner, cut_at_stop, write_merged
 from afinar.export.quantize import LLAMA_CPP_TYPES, quantize_with_llama_cpp
+from afinar.models.quantize import merge_note
 
 FORMATS = ("merged", "gguf", "gguf-adapter", "ollama")
 DEFAULT_TYPE = {"merged": "f32", "gguf": "f16", "gguf-adapter": "f32", "ollama": "f16"}
@@ -46,6 +47,9 @@ class ExportResult:
     seconds: float = 0.0
     verification: V.VerifyReport | None = None
     command: str | None = None  # what to run next (ollama create ..., llama-cli ...)
+    # "4bit"/"8bit" for a QLoRA run: the export holds the adapter merged into the de-quantised
+    # base weights it was trained against (the original base is not in it).
+    qlora: str | None = None
 
 
 @dataclass
@@ -110,6 +114,9 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
     loaded = load(str(run_dir), device="cpu", notify=notify)
     if to == "gguf-adapter" and loaded.resolved.adapter is None:
         raise AfinarError(f"{run_dir}: a full fine-tune has no adapter", "use --to gguf")
+    qlora = _qlora(loaded)
+    if qlora and to != "gguf-adapter":
+        notify(merge_note(qlora))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     job = _Job(run_dir, name, kind, tmp, loaded, notify, round_reference)
@@ -134,7 +141,12 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(to, kind, out, files, time.time() - started, report,
-                        command(out) if command else None)
+                        command(out) if command else None, qlora)
+
+
+def _qlora(loaded) -> str | None:
+    quantization = loaded.resolved.quantization
+    return None if quantization == "none" else quantization
 
 
 # -- reference answers -------------------------------------------------------------------------
@@ -178,14 +190,16 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
     exact = job.kind in V.EXACT_TYPES
     report = V.VerifyReport(job.kind, engine, exact, exact_tokens,
                             1.0 if exact else (V.default_min_agreement(job.kind)
-                                               if min_agreement is None else min_agreement))
+                                               if min_agreement is None else min_agreement),
+                            reference=V.reference_name(_qlora(job.loaded)))
     if job.kind in ("f16", "bf16") and job.round_reference:
         # A 16-bit file holds the trained weights rounded to 16 bits; its greedy answers are
         # compared with exactly that model (fp32 compute), so any difference left is the
         # conversion's fault. (bf16 keeps 8 bits of mantissa: the rounding alone changes a few
         # greedy tokens of a 135M model.) Rounding in place is safe: the writers are done.
         _round_weights(job.loaded.model, MERGED_TYPES[job.kind])
-        report.reference = f"trained model, weights rounded to {job.kind} (fp32 compute)"
+        report.reference = V.reference_name(_qlora(job.loaded),
+                                            f"weights rounded to {job.kind}, fp32 compute")
     ours = [job.loaded.prompt_ids(conversation) for conversation in golden]
     job.notify(f"  the trained model answers {len(golden)} prompts")
     refs = [_reference(job.loaded, ids, max_new_tokens) for ids in ours]
@@ -223,7 +237,7 @@ def _round_weights(model, dtype: torch.dtype) -> None:
 # -- merged ------------------------------------------------------------------------------------
 def _merged(job: _Job):
     job.notify(f"writing merged {job.kind} weights")
-    write_merged(job.loaded, job.tmp, job.kind)
+    write_merged(job.loaded, job.tmp, job.kind, _export_metadata(job))
 
     def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
         runner = MergedRunner(job.tmp)
@@ -238,11 +252,18 @@ def _merged(job: _Job):
 
 
 # -- gguf --------------------------------------------------------------------------------------
-def _gguf_metadata(job: _Job) -> dict[str, str]:
-    meta = {"afinar.run": job.run_dir.resolve().name,
-            "afinar.base_model": job.loaded.resolved.base_spec,
-            "afinar.data_sha256": rundir.read_run_info(job.run_dir).get("data_sha256")}
+def _export_metadata(job: _Job) -> dict[str, str]:
+    """What an export records of its run (GGUF keys afinar.*, the merged folder's afinar.json)."""
+    qlora = _qlora(job.loaded)
+    meta = {"run": job.run_dir.resolve().name,
+            "base_model": job.loaded.resolved.base_spec,
+            "data_sha256": rundir.read_run_info(job.run_dir).get("data_sha256"),
+            "merged_into": qlora and f"de-quantised {qlora} base weights (QLoRA run)"}
     return {k: str(v) for k, v in meta.items() if v}
+
+
+def _gguf_metadata(job: _Job) -> dict[str, str]:
+    return {f"afinar.{k}": v for k, v in _export_metadata(job).items()}
 
 
 def _write_gguf_file(job: _Job) -> Path:
@@ -307,16 +328,23 @@ def _gguf_adapter(job: _Job):
     path = job.tmp / f"{job.name}-lora-{job.kind}.gguf"
     job.notify(f"writing {path.name}")
     write_adapter_gguf(resolved.adapter, config, path, job.kind, job.name)
+    qlora = _qlora(job.loaded)
+    if qlora:
+        job.notify(f"QLoRA run: this adapter was trained against the de-quantised {qlora} base "
+                   "weights; on the original base GGUF it answers close to the trained model, "
+                   "not exactly like it (--to gguf or --to merged hold the exact weights). It is "
+                   "verified on the de-quantised base.")
 
     def verifier(golden, exact_tokens, max_new_tokens, min_agreement):
         # llama.cpp needs the base model as GGUF to apply the adapter to: an f32 one, outside
-        # the output folder (users bring their own base GGUF).
-        from afinar.infer.generate import load
+        # the output folder (users bring their own base GGUF). For a QLoRA run, the base the
+        # adapter was trained against.
+        from afinar.models.load import load_inference_base
 
         with tempfile.TemporaryDirectory() as scratch:
-            base = load(resolved.base_spec, device="cpu", notify=job.notify)
+            base = load_inference_base(resolved)
             base_path = Path(scratch) / "base-f32.gguf"
-            write_model_gguf(base.model, job.loaded.tokenizer, job.loaded.stop_ids, base_path,
+            write_model_gguf(base, job.loaded.tokenizer, job.loaded.stop_ids, base_path,
                              "f32", f"{job.name}-base")
             del base
             return _llama_verifier(job, base_path, lora=path)(golden, exact_tokens,

@@ -1,7 +1,8 @@
 """`merged`: the LoRA folded into the base weights, as a standard Hugging Face folder that plain
 `transformers` loads: safetensors, config, the tokenizer with the chat template the run trained
 with, and a generation config whose EOS ids are every token that ends a turn (so `generate()`
-stops where afinar's own inference stops).
+stops where afinar's own inference stops). afinar.json records the run it came from (and, for a
+QLoRA run, that the adapter is merged into the de-quantised base weights).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from afinar.errors import AfinarError
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def write_merged(loaded, folder: Path, kind: str) -> None:
-    """`loaded` is an afinar LoadedModel of the run (adapter already merged)."""
+METADATA_FILE = "afinar.json"
+
+
+def write_merged(loaded, folder: Path, kind: str, metadata: dict | None = None) -> None:
+    """`loaded` is an afinar LoadedModel of the run (adapter already merged); `metadata` goes
+    to afinar.json."""
     if kind not in DTYPES:
         raise AfinarError(f"merged weights are saved as f32, f16 or bf16, not {kind!r}",
                           "for quantised files use --to gguf --quant ...")
@@ -41,6 +46,9 @@ def write_merged(loaded, folder: Path, kind: str) -> None:
     config["dtype"] = str(DTYPES[kind]).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     loaded.tokenizer.save_pretrained(folder)
+    if metadata:
+        (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False)
+                                            + "\n", encoding="utf-8")
 
 
 class MergedRunner:

@@ -1,7 +1,8 @@
 """Checks that an export behaves like the trained model: same prompt token ids, same greedy answer.
 
 Golden prompts come from the run's held-out split. The trained model (transformers, base +
-adapter merged in fp32) answers each greedily; so does the export (llama.cpp for GGUF, plain
+adapter merged in fp32; for a QLoRA run, into the de-quantised base it was trained against)
+answers each greedily; so does the export (llama.cpp for GGUF, plain
 `transformers` with only the exported folder for merged weights). Types that keep every weight
 to 16 bits or more must agree token for token on the first `exact_tokens` tokens of every answer;
 quantised types are judged by teacher forcing: given the trained model's own answer so far, the
@@ -51,6 +52,13 @@ TOKENIZER_PROBES = (
 )
 
 
+def reference_name(qlora: str | None, detail: str = "fp32") -> str:
+    """What the export is compared with, as the report says it."""
+    merged = (f"adapter merged into the de-quantised {qlora} base it was trained against"
+              if qlora else "adapter merged")
+    return f"trained model (transformers, {detail}, {merged})"
+
+
 class VerificationFailed(AfinarError):
     def __init__(self, message: str, report: "VerifyReport"):
         super().__init__(message, "the export was not kept; see the verification report "
@@ -86,7 +94,7 @@ class VerifyReport:
     min_agreement: float
     prompts: list[PromptResult] = field(default_factory=list)
     tokenizer_mismatches: list[str] = field(default_factory=list)
-    reference: str = "trained model (transformers, fp32, adapter merged)"
+    reference: str = reference_name(None)
     passed: bool = False
     problems: list[str] = field(default_factory=list)
     saved_to: str | None = None

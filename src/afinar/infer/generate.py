@@ -4,7 +4,8 @@
     model.generate([[{"role": "user", "content": "Hola"}]])   # -> ["¡Hola! ..."]
 
 A run directory is loaded with the tokenizer (and so the chat template and stop tokens) it was
-trained with: the prompt at inference is the prompt the model learned on.
+trained with: the prompt at inference is the prompt the model learned on. A QLoRA run's adapter
+is merged into its base quantised and de-quantised as in training (the weights it learned on).
 
 Reasoning models (Qwen3, DeepSeek-R1 distills) open their answer with a `<think>...</think>`
 block (an empty one when trained on plain answers); the answer returned is what follows it.
@@ -27,7 +28,7 @@ from afinar.data.tokenize import ChatEncoder
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError, DataError
 from afinar.models import adapters
-from afinar.models.load import load_causal_lm, load_tokenizer, pick_device, stop_token_ids
+from afinar.models.load import load_inference_base, load_tokenizer, pick_device, stop_token_ids
 from afinar.models.registry import ResolvedModel, resolve_model
 
 
@@ -202,7 +203,10 @@ def load(spec: str, device: str = "auto", notify: Callable = print) -> LoadedMod
     resolved = resolve_model(spec, notify=notify)
     dev = pick_device(device)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
-    model = load_causal_lm(resolved, torch.device("cpu"))
+    if resolved.quantization != "none":
+        notify(f"QLoRA run: its base is quantised to {resolved.quantization} as in training "
+               f"(from {resolved.precision} weights), then de-quantised to fp32 for inference")
+    model = load_inference_base(resolved)
     if resolved.adapter is not None:
         model = adapters.load_adapter(model, resolved.adapter, merge=True)
     model = model.to(dev).eval()

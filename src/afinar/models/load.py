@@ -103,6 +103,17 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, dtype=torch.fl
     return model.to(device)
 
 
+def load_inference_base(resolved: ResolvedModel):
+    """The fp32 weights, on the CPU, that a run's adapter is merged into (a model's own weights
+    for anything else). A QLoRA run's base is quantised as training quantised it, then
+    de-quantised: its adapter learned to correct those weights, not the original ones."""
+    if resolved.quantization == "none":
+        return load_causal_lm(resolved, torch.device("cpu"))
+    from afinar.models.quantize import load_dequantized
+
+    return load_dequantized(resolved, resolved.quantization, resolved.precision)
+
+
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -35,6 +35,10 @@ class ResolvedModel:
     adapter: Path | None = None
     full_weights: Path | None = None  # a full fine-tune's weights replace the base's
     tokenizer: str | None = None  # the run's own tokenizer folder, when there is one
+    # A QLoRA run ("4bit"/"8bit"): its adapter was trained against the base quantised this way,
+    # from weights in `precision` (the run's compute precision: it changes the quantised values).
+    quantization: str = "none"
+    precision: str = "fp32"
 
     @property
     def weights(self) -> str:
@@ -92,11 +96,15 @@ def _resolve_run(path: Path, notify: Callable) -> ResolvedModel:
         raise AfinarError(f"{path}: this run has no trained weights yet",
                           f"finish or resume it: afinar train --resume {path}")
     tokenizer = path / rundir.TOKENIZER_DIR
+    # run.json has the precision training resolved ("auto" in the config says nothing).
+    precision = rundir.read_run_info(path).get("precision") or config.get("precision")
     return ResolvedModel(
         spec=str(path), base=base.weights, base_spec=base_spec, run_dir=path,
         adapter=adapter if adapter.is_dir() else None,
         full_weights=full if full.is_dir() and not adapter.is_dir() else None,
-        tokenizer=str(tokenizer) if tokenizer.is_dir() else None)
+        tokenizer=str(tokenizer) if tokenizer.is_dir() else None,
+        quantization=config.get("quantization") or "none",
+        precision=precision if precision in ("bf16", "fp16") else "fp32")
 
 
 def resolve_model(spec: str, notify: Callable = print) -> ResolvedModel:
