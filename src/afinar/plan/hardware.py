@@ -115,11 +115,20 @@ def measure_tflops(device, dtype, rows: int = 512, inner: int = 1024, cols: int 
     Short (about half a second): a plan must not cost a noticeable share of the run."""
     import torch
 
-    a = torch.randn(rows, inner, device=device).to(dtype)
-    b = torch.randn(inner, cols, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
+    # A small matmul first: where the dtype is slow (bf16 on a CPU without native bf16 runs
+    # below 1 GFLOP/s) the probe shrinks its rows so that it still takes about `seconds`.
+    small = torch.randn(16, inner, device=device).to(dtype)
+    b = torch.randn(inner, cols, device=device).to(dtype)
+    small @ b  # the first call pays one-time set-up
+    sync()
+    start = time.perf_counter()
+    small @ b
+    sync()
+    per_row = (time.perf_counter() - start) / 16
+    rows = max(1, min(rows, int(seconds / 8 / max(per_row, 1e-9))))
+    a = torch.randn(rows, inner, device=device).to(dtype)
+    a @ b
     sync()
     start, count = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
