@@ -49,16 +49,10 @@ def _mb(value: float) -> str:
     return f"{value / 1024:,.2f} GB" if value >= 1024 else f"{value:,.0f} MB"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def print_plan(plan) -> None:
     from rich.table import Table
+
+    from afinar.plan.planner import duration
 
     d = plan.to_dict()
     m, data = d["model"], d["data"]
@@ -92,8 +86,8 @@ def print_plan(plan) -> None:
     for note in d["notes"]:
         out.print(f"  note: {note}")
     t = d["time"]
-    out.print(f"time ≈ {_duration(t['train_seconds'])} training + "
-              f"{_duration(t['eval_seconds'])} held-out evaluation at ≈ {t['tokens_per_s']:,} "
+    out.print(f"time ≈ {duration(t['train_seconds'])} training + "
+              f"{duration(t['eval_seconds'])} held-out evaluation at ≈ {t['tokens_per_s']:,} "
               f"tokens/s ({t['throughput_source']}: {d['target']['tflops']} TFLOP/s, "
               f"{t['efficiency']:.0%} of it; {t['flops_per_token'] / 1e9:.2f} GFLOP per token)")
     cost = Table(title="Cost of this run (edit the prices: AFINAR_HOME/hardware.yaml)",
@@ -102,7 +96,7 @@ def print_plan(plan) -> None:
         cost.add_column(column, justify="left" if column == "GPU" else "right")
     for gpu in d["cost"]["gpus"]:
         cost.add_row(gpu["gpu"], f"{gpu['memory_gb']} GB", "yes" if gpu["fits"] else "no",
-                     _duration(gpu["seconds"]), f"{gpu['price_per_hour']:.2f}",
+                     duration(gpu["seconds"]), f"{gpu['price_per_hour']:.2f}",
                      f"{gpu['usd']:.4f}" if gpu["usd"] < 0.01 else f"{gpu['usd']:.2f}")
     out.print(cost)
     openai = ", ".join(f"{k} ${v:,.2f}" for k, v in d["cost"]["openai_usd"].items())

@@ -85,25 +85,29 @@ def find_target(name: str) -> Target:
                       f"{user_table_path()}, or give --max-memory")
 
 
-def available_cpu_memory() -> int:
-    """MemAvailable: what a new allocation can get without swapping."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file, in bytes; None where /proc does not have it."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def available_cpu_memory() -> int:
+    """MemAvailable: what a new allocation can get without swapping."""
+    found = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return found if found is not None else (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def process_rss() -> int:
     """This process's resident memory now: on a CPU the baseline every run starts from."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    found = _proc_bytes("/proc/self/status", "VmRSS")
+    if found is not None:
+        return found
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

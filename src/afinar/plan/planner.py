@@ -96,7 +96,7 @@ class Plan:
                 f"({self.target.name}); weights {self.chosen.memory.weights / MB:,.0f} MB, "
                 f"activations {self.chosen.memory.activations / MB:,.0f} MB; checkpointing "
                 f"{'on' if s.gradient_checkpointing else 'off'}; ≈ "
-                f"{_duration(self.time['train_seconds'])} for {self.data['epochs']} epoch(s)")
+                f"{duration(self.time['train_seconds'])} for {self.data['epochs']} epoch(s)")
 
     def to_dict(self) -> dict:
         def option(o: Option) -> dict:
@@ -116,7 +116,8 @@ class Plan:
             "time": self.time, "cost": self.cost, "notes": self.notes}
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as a reader wants them: 40 s, 12 min, 3.5 h."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

@@ -57,9 +57,11 @@ def plan_command(config: TrainConfig, device_name: str | None = None,
     from afinar.models.shape import read_model_config
 
     model_config = read_model_config(config.model, notify)
-    source = config.model
+    source, weights = config.model, None
     if os.path.isdir(source) or "/" not in source or source.endswith(".gguf"):
-        source = resolve_model(config.model, notify=notify).tokenizer_source
+        resolved = resolve_model(config.model, notify=notify)
+        source = resolved.tokenizer_source
+        weights = resolved.weights if os.path.isdir(resolved.weights) else None
     tokenizer = load_tokenizer(source)
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(source))
     data = prepare_data(config, ChatEncoder(tokenizer, stops))
@@ -75,8 +77,6 @@ def plan_command(config: TrainConfig, device_name: str | None = None,
         device = pick_device(config.device)
         precision = pick_precision(config.precision, device)
         target = None
-    weights = resolve_model(config.model, notify=notify).weights \
-        if os.path.isdir(source) else None
     return plan_for_config(config, data.train, data.held, epochs, device, precision,
                            model_config=model_config, target=target, weights_folder=weights)
 
