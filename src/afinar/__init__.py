@@ -24,6 +24,9 @@ def __getattr__(name: str):
         return TrainConfig
     if name == "train":
         from afinar.train.loop import train
+        # Importing afinar.train.loop binds the subpackage afinar.train here, which would shadow
+        # this function for `from afinar import train`: bind the function instead.
+        globals()["train"] = train
         return train
     if name == "load":
         from afinar.infer.generate import load

@@ -97,6 +97,11 @@ def _print_data_report(report) -> None:
     if "split" in s:
         out.print(f"  train / held out: {s['split']['train']} / {s['split']['held_out']} "
                   f"({s['split']['method']}; `afinar train --validation-data` uses a file instead)")
+    if (shape := s.get("format")) and shape.get("one_format"):
+        from afinar.data.prepare import one_format_warning
+
+        out.print(f"  [yellow]warning[/]: {one_format_warning(shape, preserve=True)} "
+                  "(preserve is on by default for LoRA)")
     if "duplicate_groups" in s:
         out.print(f"  exact duplicates: {len(s['duplicate_groups'])} group(s)"
                   + (f", lines {s['duplicate_groups'][:5]}" if s["duplicate_groups"] else ""))
@@ -122,6 +127,9 @@ def train(
                                          "evaluation: format regexes, JSON schemas, topics."),
     evaluate: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="Evaluate base vs "
                                             "tuned on the held-out data at the end (default on)."),
+    tune: Optional[bool] = typer.Option(None, "--tune/--no-tune", help="First search learning "
+                                        "rate and epochs (those left auto) with a few short runs "
+                                        "scored on part of the training data (default off)."),
 ):
     """Fine-tune a model (LoRA by default), evaluate it against its base, write a run directory."""
     from afinar.config import load_train_config
@@ -141,6 +149,7 @@ def train(
     else:
         values = {"data": data, "model": model, "output": output,
                   "validation_data": validation_data, "checks": checks, "evaluate": evaluate,
+                  "tune": tune,
                   "epochs": (epochs if epochs in (None, "auto") else _int(epochs, "--epochs"))}
         cfg = load_train_config(config, set_, **values)
     progress = TrainProgress()

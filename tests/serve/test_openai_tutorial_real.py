@@ -41,7 +41,7 @@ def test_openai_tutorial_code_against_afinar(tmp_path, tiny_model_dir):
             hyperparameters={
                 "n_epochs": 2,
                 "batch_size": 4,
-                "learning_rate_multiplier": 5,
+                "learning_rate_multiplier": 1,
             }
         )
         while job.status not in ("succeeded", "failed", "cancelled"):

@@ -46,4 +46,16 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(item.input_ids)
         labels[row, :n] = torch.tensor(item.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(item.weight != 1.0 for item in items):
+        batch["weights"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
+    return batch
+
+
+def target_weight(batch: dict[str, torch.Tensor]) -> float:
+    """The batch's supervised tokens, each counted with its example's weight: what a weighted
+    loss sum is normalised by."""
+    keep = (batch["labels"][:, 1:] != IGNORE).float()
+    if "weights" in batch:
+        keep = keep * batch["weights"][:, None]
+    return float(keep.sum())

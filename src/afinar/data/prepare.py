@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from afinar.data.cache import cached_encode
 from afinar.data.example import Example
 from afinar.data.split import split_examples, split_method
-from afinar.data.stats import duplicates_and_contradictions, token_stats
+from afinar.data.stats import (duplicates_and_contradictions, format_concentration,
+                               token_stats)
 from afinar.data.tokenize import ChatEncoder, Tokenized, fit_length
 from afinar.data.validate import ValidationReport, load_examples
 from afinar.errors import DataError
@@ -37,7 +38,7 @@ def encode_all(examples: list[Example], encoder: ChatEncoder) -> list[Tokenized]
 
 
 def _reindex(item: Tokenized, index: int) -> Tokenized:
-    return Tokenized(item.input_ids, item.labels, index, item.truncated)
+    return Tokenized(item.input_ids, item.labels, index, item.truncated, item.weight)
 
 
 def _fit_all(items: list[Tokenized], max_len: int, overflow: str) -> list[Tokenized]:
@@ -49,7 +50,8 @@ def describe_data(report: ValidationReport, encoded: list[Tokenized], max_len: i
     """Validation report + token statistics + duplicates/contradictions, as one dict."""
     out = report.to_dict()
     out["stats"] = {**token_stats(encoded, max_len, overflow),
-                    **duplicates_and_contradictions(report.examples)}
+                    **duplicates_and_contradictions(report.examples),
+                    "format": format_concentration(report.examples)}
     report.stats = out["stats"]
     return out
 
@@ -102,8 +104,22 @@ def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
         warnings.append("this model's chat template has no system role: system messages are "
                         "joined to the first user message (as Gemma's own templates do), in "
                         "training and at inference alike")
+    if (shape := summary["stats"]["format"]).get("one_format"):
+        warnings.append(one_format_warning(shape, config.preserve_on()))
     if summary["stats"].get("contradiction_groups"):
         warnings.append(f"{len(summary['stats']['contradiction_groups'])} prompt(s) have "
                         "different answers in the data (lines "
                         f"{summary['stats']['contradiction_groups'][:3]}...)")
     return PreparedData(train_ex, held_ex, train, held, summary, warnings)
+
+
+def one_format_warning(shape: dict, preserve: bool) -> str:
+    what = (f"every example has the same system prompt and {shape['dominant_shape_share']:.0%} "
+            f"of the answers the same shape ({shape['dominant_answer_shape']}): every prompt "
+            "teaches the format, and a model trained on this alone tends to answer everything "
+            "that way")
+    if preserve:
+        return what + ("; `preserve` (on) mixes in the base model's own answers to general "
+                       "prompts, with and without this system prompt, to keep the format here")
+    return what + ("; turn on `preserve` (--set preserve=true) or add ordinary examples "
+                   "without the format")

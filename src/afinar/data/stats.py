@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 from afinar.data.example import Example
@@ -55,3 +56,45 @@ def duplicates_and_contradictions(examples: list[Example]) -> dict:
     contradictions = [sorted(sum(by_answer.values(), [])) for by_answer in answers.values()
                       if len(by_answer) > 1]
     return {"duplicate_groups": duplicates, "contradiction_groups": contradictions}
+
+
+_LABEL = re.compile(r"^\s*([^\W\d_][\w -]{0,30}?)\s*:")
+_CAPS = re.compile(r"^\s*([A-ZÁÉÍÓÚÑ]{3,})\b")
+
+
+def answer_shape(answer: str) -> str:
+    """An answer's skeleton: per line, its leading label ("Category:") or upper-case keyword
+    ("ALERTA"), else "text". Two answers with the same skeleton have the same format."""
+    parts = []
+    for line in answer.strip().splitlines() or [""]:
+        if (label := _LABEL.match(line)) is not None:
+            parts.append(label.group(1).strip() + ":")
+        elif (caps := _CAPS.match(line)) is not None:
+            parts.append(caps.group(1))
+        else:
+            parts.append("text")
+    # Consecutive prose lines are one prose block, whatever their number.
+    return " / ".join(p for i, p in enumerate(parts) if p != "text" or i == 0
+                      or parts[i - 1] != "text")
+
+
+def format_concentration(examples: list[Example]) -> dict:
+    """How many system prompts the data has, and how many answers share the commonest shape.
+
+    `one_format`: one system prompt (or none anywhere) and at least 90% of answers in one
+    structured shape: every prompt then teaches the format, and the model learns to give it to
+    everything (measured on the embedded model: ordinary and general prompts got the format)."""
+    systems = {next((m.content for m in ex.messages if m.role == "system"), None)
+               for ex in examples if ex.is_chat}
+    shapes = [answer_shape(ex.final_answer()) for ex in examples
+              if ex.is_chat and ex.final_answer()]
+    if not shapes:
+        return {}
+    counts: dict[str, int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    top = max(counts, key=counts.get)
+    share = counts[top] / len(shapes)
+    return {"system_prompts": len(systems), "dominant_answer_shape": top,
+            "dominant_shape_share": round(share, 3),
+            "one_format": len(systems) == 1 and share >= 0.9 and top != "text"}

@@ -31,6 +31,7 @@ class Tokenized:
     labels: list[int]
     index: int  # position of the source example in its list
     truncated: bool = False
+    weight: float = 1.0  # multiplies each of its tokens' loss (replay examples weigh less)
 
     @property
     def n_supervised(self) -> int:
@@ -186,4 +187,5 @@ def fit_length(item: Tokenized, max_len: int, overflow: str) -> Tokenized | None
     labels = item.labels[:max_len]
     if all(x == IGNORE for x in labels):
         return None  # nothing left to learn from after truncation
-    return Tokenized(item.input_ids[:max_len], labels, item.index, truncated=True)
+    return Tokenized(item.input_ids[:max_len], labels, item.index, truncated=True,
+                     weight=item.weight)

@@ -78,6 +78,8 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
     prompts = [list(ex.prompt_messages()) for ex in examples if ex.is_chat]
     chat_examples = [ex for ex in examples if ex.is_chat]
     probe_examples = regressions.load_probes() if probes and target.baseline else []
+    cross_sets = (regressions.cross_system_prompts(chat_examples, probe_examples)
+                  if probe_examples else {})
     timings: dict[str, float] = {}
 
     results: dict[str, dict] = {}
@@ -91,12 +93,13 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
         if settings is None:  # both models answer with the same settings
             settings = GenerationSettings(
                 max_new_tokens=max_new_tokens or _answer_budget(loaded.tokenizer, chat_examples))
-        results[role] = _run_model(loaded, role, examples, prompts, probe_examples, settings,
-                                   target, batch_size, emit, use_cache)
+        results[role] = _run_model(loaded, role, examples, prompts, probe_examples, cross_sets,
+                                   settings, target, batch_size, emit, use_cache)
         del loaded
         timings[f"{role}_s"] = round(time.perf_counter() - t0, 2)
 
-    report = _assemble(target, chat_examples, results, probe_examples, settings, batch_size)
+    report = _assemble(target, chat_examples, results, probe_examples, cross_sets, settings,
+                       batch_size)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     report["timing"] = timings
     from afinar.evaluation.report_html import render_html
@@ -188,8 +191,8 @@ def _answer_budget(tokenizer, examples: list[Example]) -> int:
 
 # --- one model --------------------------------------------------------------------------------
 
-def _run_model(loaded, role: str, examples, prompts, probes, settings, target: _Target,
-               batch_size: int, emit: Event, use_cache: bool) -> dict:
+def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, settings,
+               target: _Target, batch_size: int, emit: Event, use_cache: bool) -> dict:
     from afinar.train.losses import SupervisedLoss
 
     max_len = target.config.max_seq_length if target.config else 2048
@@ -204,7 +207,7 @@ def _run_model(loaded, role: str, examples, prompts, probes, settings, target: _
     counts: dict[str, int] = {}
     answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers",
                         use_cache, counts)
-    probe_answers = []
+    probe_answers, cross_answers = [], {}
     if probes:
         from afinar.infer.generate import GenerationSettings
 
@@ -212,7 +215,12 @@ def _run_model(loaded, role: str, examples, prompts, probes, settings, target: _
         probe_answers = _generate(loaded, [list(p.prompt_messages()) for p in probes],
                                   probe_settings, batch_size, emit, f"{role}: general prompts",
                                   use_cache, counts)
+        for name, items in cross_sets.items():
+            cross_answers[name] = _generate(
+                loaded, [messages for _, messages in items], probe_settings, batch_size, emit,
+                f"{role}: {name.replace('_', ' ')}", use_cache, counts)
     return {"loss": loss, "answers": answers, "probe_answers": probe_answers,
+            "cross_answers": cross_answers,
             "spec": loaded.name, "answers_from_cache": counts.get("cached", 0),
             "answers_generated": counts.get("generated", 0)}
 
@@ -290,7 +298,7 @@ def _aggregate(scored: list[dict], loss: dict) -> dict[str, tuple[float | None, 
 
 
 def _assemble(target: _Target, examples: list[Example], results: dict, probes: list[Example],
-              settings, batch_size: int) -> dict:
+              cross_sets: dict, settings, batch_size: int) -> dict:
     has_base = "baseline" in results
     rows, model_scored, base_scored = [], [], []
     for i, ex in enumerate(examples):
@@ -322,11 +330,17 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
             [ex.final_answer() or "" for ex in examples], target.checks.leak_regex)
         regression = regressions.compare_probes(probes, results["model"]["probe_answers"],
                                                 results["baseline"]["probe_answers"], signature)
-        warnings += regression["warnings"]
+        cross = regressions.compare_cross_system(cross_sets, results["model"]["cross_answers"],
+                                                 results["baseline"]["cross_answers"], signature)
+        regression["cross_system"] = cross["sets"]
+        warnings += regression["warnings"] + cross["warnings"]
     training = None
     if target.run_dir is not None:
         records = diagnosis.read_metrics(target.run_dir / rundir.METRICS_FILE)
         training = {"curves": diagnosis.curves(records), "diagnosis": diagnosis.diagnose(records)}
+        data_report = _read_json(target.run_dir / rundir.DATA_REPORT) or {}
+        training["preserve"] = data_report.get("preserve")
+        training["data_format"] = (data_report.get("stats") or {}).get("format")
         if training["diagnosis"]["verdict"] in ("overfitting", "not_learning"):
             warnings.append(training["diagnosis"]["message"])
     changes = {k: sum(r["change"] == k for r in rows)
@@ -341,6 +355,9 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
     if regression:
         summary["probes_changed"] = regression["summary"]["changed"]
         summary["probes_leaks"] = regression["summary"]["model_leaks"]
+        for name, found in regression["cross_system"].items():
+            if isinstance(found, dict) and found["prompts"]:
+                summary[f"{name}_leaks"] = found["model_leaks"]
     run_info = rundir.read_run_info(target.run_dir) if target.run_dir else {}
     return {
         "afinar_report": 1,
@@ -366,5 +383,15 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         "examples": rows,
         "regressions": regression,
         "training": training,
+        "tuning": _read_json(target.run_dir / "tune" / "trials.json") if target.run_dir else None,
         "warnings": warnings,
     }
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

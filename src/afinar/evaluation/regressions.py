@@ -102,3 +102,70 @@ def compare_probes(probes: list[Example], tuned: list[str], base: list[str],
                         f"against {bc:.0%} for the base model")
     return {"summary": summary, "warnings": warnings, "items": items}
 
+
+
+# --- leaks across system prompts ---------------------------------------------------------------
+# A format is tied to a system prompt in the data; it leaks when it shows up (1) for prompts that
+# do not belong to the task asked under the task's own system prompt, or (2) for the task's own
+# prompts asked under another assistant's system prompt. Neither set is trained on: the system
+# prompts below are not in the replay set (data/preserve), the probes are not its prompts.
+OTHER_SYSTEMS_FILE = Path(__file__).parent / "probes" / "other_systems.json"
+PROBES_PER_SYSTEM = 12
+MAX_SYSTEMS = 2
+MAX_MOVED = 16
+
+
+def _system_of(example: Example) -> str | None:
+    return next((m.content for m in example.messages if m.role == "system"), None)
+
+
+def cross_system_prompts(examples: list[Example], probes: list[Example]) -> dict[str, list]:
+    """{"probes_under_task_system": [...], "task_under_other_system": [...]}: each a list of
+    (label, messages) to be answered by both models."""
+    import json
+
+    counts: dict[str, int] = {}
+    for ex in examples:
+        if (system := _system_of(ex)) is not None:
+            counts[system] = counts.get(system, 0) + 1
+    systems = sorted(counts, key=lambda s: -counts[s])[:MAX_SYSTEMS]
+    picked = probes[::max(1, len(probes) // PROBES_PER_SYSTEM)][:PROBES_PER_SYSTEM]
+    under_task = [(p.messages[-1].content,
+                   [{"role": "system", "content": s},
+                    *({"role": m.role, "content": m.content} for m in p.prompt_messages()
+                      if m.role != "system")])
+                  for s in systems for p in picked]
+    others = json.loads(OTHER_SYSTEMS_FILE.read_text(encoding="utf-8"))
+    moved = []
+    for ex in [ex for ex in examples if _system_of(ex) in systems][:MAX_MOVED]:
+        rest = [{"role": m.role, "content": m.content} for m in ex.prompt_messages()
+                if m.role != "system"]
+        moved.append((rest[-1]["content"] if rest else "",
+                      [{"role": "system", "content": others[len(moved) % len(others)]}, *rest]))
+    return {"probes_under_task_system": under_task, "task_under_other_system": moved}
+
+
+def compare_cross_system(sets: dict[str, list], tuned: dict[str, list[str]],
+                         base: dict[str, list[str]], signature: str | None) -> dict:
+    """Leak counts for each set, per model, with the prompts and answers."""
+    out: dict = {}
+    warnings = []
+    for name, prompts in sets.items():
+        items = [{"prompt": label, "system": messages[0]["content"], "model": t, "baseline": b,
+                  "model_leak": bool(signature and re.search(signature, t)),
+                  "baseline_leak": bool(signature and re.search(signature, b))}
+                 for (label, messages), t, b in zip(prompts, tuned[name], base[name])]
+        leaks = sum(it["model_leak"] for it in items)
+        base_leaks = sum(it["baseline_leak"] for it in items)
+        out[name] = {"prompts": len(items), "model_leaks": leaks, "baseline_leaks": base_leaks,
+                     "items": items}
+        if items and leaks > base_leaks:
+            what = {"probes_under_task_system": "general prompts asked under the training "
+                    "data's own system prompt",
+                    "task_under_other_system": "the task's prompts asked under another "
+                    "assistant's system prompt"}[name]
+            warnings.append(f"the taught format leaks across system prompts: {leaks} of "
+                            f"{len(items)} {what} get it (base {base_leaks}); `preserve` "
+                            "(on by default for LoRA) trains against this")
+    out["signature"] = signature
+    return {"sets": out, "warnings": warnings}

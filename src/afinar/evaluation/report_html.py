@@ -1,8 +1,8 @@
 """report.html: one self-contained page (inline CSS and SVG, no scripts, nothing fetched).
 
-Sections: the metrics table base vs tuned, the loss curves with the overfitting diagnosis, what
-the tuning broke (general prompts), and every example with the tuned answer diffed against the
-base answer.
+Sections: the metrics table base vs tuned, the loss curves with the overfitting diagnosis, the
+hyperparameter search when the run had one (`tune`), what the tuning broke (general prompts),
+and every example with the tuned answer diffed against the base answer.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
+from afinar.evaluation.report_md import tuning_intro, tuning_table
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;color:#1d2330;
@@ -37,6 +38,7 @@ ins{background:#d4f4dd;text-decoration:none}del{background:#fbdcd9}
 .chart text{font-size:11px;fill:#5b6472}
 .legend span{display:inline-block;margin-right:16px}
 .fail{color:#b3261e}.pass{color:#12703a}.rewritten{color:#5b6472}
+tr.chosen td{background:#f1faf4;font-weight:600}
 """
 
 
@@ -202,7 +204,58 @@ def _regressions(reg: dict) -> str:
                     f"{_checks_cell(it['model_checks'])}{flag}</td>"
                     f"<td class=num>{it['similarity']:.2f}</td></tr>")
     return (intro + "<table class=probes><tr><th>prompt</th><th>base</th><th>tuned (diff)</th>"
-            f"<th class=num>similarity</th></tr>{''.join(rows)}</table>")
+            f"<th class=num>similarity</th></tr>{''.join(rows)}</table>"
+            + _cross_system(reg.get("cross_system") or {}))
+
+
+CROSS_SYSTEM_TITLES = {
+    "probes_under_task_system": "General prompts under the training data's own system prompt",
+    "task_under_other_system": "The task's prompts under another assistant's system prompt",
+}
+
+
+def _cross_system(sets: dict) -> str:
+    """Leaks across system prompts: the taught format where the system prompt says otherwise."""
+    parts = []
+    for name, title in CROSS_SYSTEM_TITLES.items():
+        found = sets.get(name)
+        if not found or not found["prompts"]:
+            continue
+        rows = "".join(
+            f"<tr class=probe><td><small>{_e(it['system'])}</small><pre>{_e(it['prompt'])}</pre>"
+            f"</td><td>{_answer(it['baseline'])}</td><td>{_answer(it['model'])}"
+            + (" <span class='tag worse'>format leak</span>" if it["model_leak"] else "")
+            + "</td></tr>" for it in found["items"])
+        parts.append(f"<h3>{_e(title)}</h3><p>Taught format in <b>{found['model_leaks']}</b> of "
+                     f"{found['prompts']} answers (base {found['baseline_leaks']}).</p>"
+                     "<details><summary>answers</summary><table class=probes><tr><th>prompt"
+                     f"</th><th>base</th><th>tuned</th></tr>{rows}</table></details>")
+    return "".join(parts)
+
+
+def _tuning(tuning: dict) -> str:
+    head, rows = tuning_table(tuning)
+    header = "".join(f"<th class=num>{_e(h)}</th>" for h in head)
+    body = "".join(f"<tr class={'chosen' if winner else 'trial'}>"
+                   + "".join(f"<td class=num>{_e(c)}</td>" for c in cells) + "</tr>"
+                   for cells, winner in rows)
+    return (f"<p>{_e(tuning_intro(tuning))}</p>"
+            f"<table class=trials><tr>{header}</tr>{body}</table>")
+
+
+def _preserve(info: dict | None) -> str:
+    if not info:
+        return ("<p>No replay set (<code>preserve</code> off): trained on the data alone.</p>")
+    variants = ", ".join(f"{n} {PRESERVE_VARIANTS.get(v, v)}" for v, n in info["variants"].items())
+    return (f"<p><b>preserve</b>: {info['per_epoch']} of {info['examples']} replay examples per "
+            f"epoch, the base model's own answers ({variants}), each weighing at most one task "
+            f"example (mean token weight {info['mean_weight']}).</p>")
+
+
+PRESERVE_VARIANTS = {"none": "general prompts without a system prompt",
+                     "other": "under other assistants' system prompts",
+                     "data": "under the data's own system prompt",
+                     "task": "of the data's prompts under other system prompts"}
 
 
 def render_html(report: dict) -> str:
@@ -230,7 +283,10 @@ def render_html(report: dict) -> str:
         parts.append(f"<section id=training><h2>Training</h2>"
                      f"{loss_chart(training['curves'], d.get('best_step'))}"
                      f"<p><b>Diagnosis: {_e(d['verdict'].replace('_', ' '))}.</b> "
-                     f"{_e(d['message'])}.</p></section>")
+                     f"{_e(d['message'])}.</p>{_preserve(training.get('preserve'))}</section>")
+    if report.get("tuning"):
+        parts.append(f"<section id=tuning><h2>Hyperparameter search</h2>"
+                     f"{_tuning(report['tuning'])}</section>")
     if report.get("regressions"):
         parts.append(f"<section id=regressions><h2>What did it break</h2>"
                      f"{_regressions(report['regressions'])}</section>")

@@ -36,9 +36,68 @@ def render_markdown(report: dict) -> str:
                   f"checks pass {fmt_value('check:', s['model_checks_pass_rate'])} (base "
                   f"{fmt_value('check:', s['baseline_checks_pass_rate'])}); taught format found "
                   f"in {s['model_leaks']} (base {s['baseline_leaks']})."]
+        for name, found in (reg.get("cross_system") or {}).items():
+            if isinstance(found, dict) and found["prompts"]:
+                what = name.replace("_", " ")
+                lines.append(f"Across system prompts ({what}): taught format in "
+                             f"{found['model_leaks']} of {found['prompts']} (base "
+                             f"{found['baseline_leaks']}).")
     training = report.get("training")
     if training:
         lines += ["", f"Training: {training['diagnosis']['message']}."]
+    if report.get("tuning"):
+        lines += ["", "## Hyperparameter search", "", tuning_intro(report["tuning"]), ""]
+        head, rows = tuning_table(report["tuning"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        lines += ["| " + " | ".join(cells) + " |" for cells, _ in rows]
     if report["warnings"]:
         lines += [""] + [f"- **warning:** {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def tuning_intro(tuning: dict) -> str:
+    """What the search (RUN/tune/trials.json, afinar.train.tune) did, in a sentence or two."""
+    split, best = tuning["inner_split"], tuning["best"]
+    searched = [f"{name.replace('_', ' ')} {_tuned(name, s['low'])}–{_tuned(name, s['high'])} "
+                f"(auto {_tuned(name, s['auto'])})" for name, s in tuning["search"].items()
+                if "low" in s]
+    fixed = [f"{name.replace('_', ' ')} {_tuned(name, s['fixed'])}"
+             for name, s in tuning["search"].items() if "fixed" in s]
+    return (f"{len(tuning['trials'])} short runs searched {', '.join(searched)}"
+            + (f" with {', '.join(fixed)} as set" if fixed else "")
+            + f", trained on {split['train']} examples of the training part and scored on the "
+            f"other {split['held_out']} (not on this report's held-out examples) by "
+            f"{tuning['objective_text']}. Chosen: trial {best['trial']}, learning rate "
+            f"{_tuned('learning_rate', best['learning_rate'])}, {best['epochs']} epochs "
+            f"({tuning['seconds']:.0f} s in all).")
+
+
+def tuning_table(tuning: dict) -> tuple[list[str], list[tuple[list[str], bool]]]:
+    """Header and rows (cells, is the winner) of the trials table, for both reports."""
+    by_checks = tuning["objective"] == "check_pass_rate"
+    head = ["trial", "learning rate", "epochs", "steps", "held-out loss"]
+    head += ["check pass rate"] * by_checks + ["score", "seconds", "chosen"]
+    rows = []
+    for t in tuning["trials"]:
+        winner = t["trial"] == tuning["best"]["trial"]
+        cells = [f"{t['trial']}" + (" (auto)" if t.get("auto") else ""),
+                 _tuned("learning_rate", t["learning_rate"]), str(t["epochs"]),
+                 "–" if t.get("steps") is None else str(t["steps"]),
+                 _tuned("eval_loss", t.get("eval_loss"))]
+        if by_checks:
+            cells.append(_tuned("check_pass_rate", t.get("check_pass_rate")))
+        cells += [_tuned("check_pass_rate" if by_checks else "eval_loss", t.get("score")),
+                  f"{t['seconds']:.0f}" + (f" (as {t['same_as']})" if t.get("same_as") else ""),
+                  "✓" if winner else ""]
+        rows.append((cells, winner))
+    return head, rows
+
+
+def _tuned(name: str, value) -> str:
+    if value is None:
+        return "–"
+    if name == "learning_rate":
+        return f"{value:.2g}"
+    if name == "check_pass_rate":
+        return f"{value:.0%}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

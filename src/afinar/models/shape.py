@@ -77,6 +77,11 @@ def linear_weights(model) -> list:
             if isinstance(m, torch.nn.Linear) and id(m.weight) not in skip]
 
 
+def config_parameter_count(config) -> int:
+    """The parameters of the model `config` describes (built on the meta device: no memory)."""
+    return parameter_count(meta_model(config))
+
+
 def parameter_count(model) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     seen, total = set(), 0

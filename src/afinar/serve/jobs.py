@@ -155,7 +155,7 @@ def resume_job(store: Store, job_id: str) -> dict:
 
 def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfig:
     """What `afinar train` would be given for this job. OpenAI's learning_rate_multiplier
-    scales afinar's default learning rate (2e-4 for LoRA)."""
+    scales afinar's auto learning rate (which depends on the model's size)."""
     hp = effective_hyperparameters(job)
     values = {
         "data": str(store.file_path(job["training_file"])), "model": job["base_spec"],
@@ -172,7 +172,7 @@ def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfi
         values["batch_size"] = int(hp["batch_size"])
     multiplier = hp.get("learning_rate_multiplier")
     if multiplier not in (None, "auto"):
-        values["learning_rate"] = float(multiplier) * TrainConfig(data="-").resolved_learning_rate()
+        values["learning_rate_multiplier"] = float(multiplier)
     return TrainConfig(**values)
 
 
@@ -199,7 +199,6 @@ def results_csv(run_dir: Path) -> str:
 
 
 def resolved_hyperparameters(start_event: dict, config: TrainConfig) -> dict:
-    default_lr = TrainConfig(data="-", method=config.method).resolved_learning_rate()
     return {"n_epochs": start_event["epochs"], "batch_size": config.batch_size,
-            "learning_rate_multiplier": round(start_event["learning_rate"] / default_lr, 6)}
+            "learning_rate_multiplier": config.learning_rate_multiplier}
 

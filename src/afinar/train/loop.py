@@ -28,7 +28,7 @@ import torch
 
 from afinar import rundir
 from afinar.config import TrainConfig, auto_epochs, dump_config
-from afinar.data.batching import collate, plan_batches
+from afinar.data.batching import collate, plan_batches, target_weight
 from afinar.data.prepare import PreparedData, prepare_data
 from afinar.data.tokenize import IGNORE, ChatEncoder
 from afinar.errors import AfinarError
@@ -39,7 +39,7 @@ from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
                                 pick_device, pick_precision, read_generation_config,
                                 stop_token_ids)
 from afinar.models.registry import BASE_MODELS, resolve_model
-from afinar.models.shape import read_model_config
+from afinar.models.shape import config_parameter_count, read_model_config
 from afinar.paths import sha256_file
 from afinar.plan.run import does_not_fit_error, plan_for_config
 from afinar.train import sharding
@@ -47,6 +47,8 @@ from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
 from afinar.train.host_memory import return_freed_memory
 from afinar.train.losses import SupervisedLoss
+from afinar.train.replay import build_replay
+from afinar.train.replay import describe as describe_replay
 
 Event = Callable[[dict], None]
 
@@ -180,8 +182,11 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
 
 def _register(run: Path, on_event: Event | None) -> None:
     """Records the run in the model-version registry; a registry problem never costs a run."""
+    from afinar.train.tune import is_trial_run
     from afinar.versions import open_registry
 
+    if is_trial_run(run):  # a search trial (RUN/tune/trial-N) is a measurement, not a version
+        return
     try:
         with open_registry() as registry:
             registry.record_run(run)
@@ -215,7 +220,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
 
     # --- setup -----------------------------------------------------------------------------
     run = Path(config.output) if config.output else _default_output(config)
-    if not resume and run.exists() and any(run.iterdir()):
+    # A directory holding only a finished search (`tune`) is this run's own start.
+    if not resume and run.exists() and any(p.name != "tune" for p in run.iterdir()):
         raise AfinarError(f"{run}: run directory exists and is not empty",
                           f"resume it with `afinar train --resume {run}`, or pick --output")
     # Absolute paths in the saved config: `--resume` and `afinar chat RUN` work from any folder.
@@ -225,6 +231,12 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                 if v and Path(v).exists() and not (k == "model" and v in BASE_MODELS)}
     config = config.model_copy(update={"output": str(run), **absolute})
     _check_input_files(config)
+    if config.tune and not resume:
+        from afinar.train.tune import tune_config
+
+        # Short runs on the training part pick learning rate and epochs; the run below uses
+        # the winner, and its saved config says so (numbers, tune: false).
+        config, _ = tune_config(config, run, on_event=on_event if _is_main_rank() else None)
     # Everything a user can get wrong (files, settings, data lines, the model's name) is checked
     # before anything heavy is built: the model's weights, the accelerator, a process group.
     device = pick_device(config.device)
@@ -235,13 +247,23 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     resolved = resolve_model(config.model, notify=say)
     tokenizer = load_tokenizer(resolved.tokenizer_source)
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(resolved.weights))
-    data: PreparedData = prepare_data(config, ChatEncoder(tokenizer, stops))
+    encoder = ChatEncoder(tokenizer, stops)
+    data: PreparedData = prepare_data(config, encoder)
     epochs = auto_epochs(len(data.train)) if config.epochs == "auto" else config.epochs
+    model_config = read_model_config(resolved.weights)
+    replay = None
+    if config.preserve_on():
+        replay = build_replay(config, resolved, encoder, data.train_examples, data.train,
+                              device, notify=say, on_progress=lambda done, total: emit(
+                                  {"type": "eval_progress", "task": "preserve: base answers",
+                                   "done": done, "total": total}))
+        data.report["preserve"] = replay.info
+        say(describe_replay(replay.info))
     # The memory plan, from the model's configuration and the data's lengths: a run that
     # cannot fit stops here, before the weights load, with the settings that would fit.
-    plan = plan_for_config(config, data.train, data.held, epochs, device, precision,
-                           model_config=read_model_config(resolved.weights),
-                           weights_folder=resolved.weights)
+    epoch_items = data.train + ([replay.items[i] for i in replay.for_epoch(0)] if replay else [])
+    plan = plan_for_config(config, epoch_items, data.held, epochs, device, precision,
+                           model_config=model_config, weights_folder=resolved.weights)
     say(plan.summary_line())
     if not plan.fits:
         raise does_not_fit_error(plan, config)
@@ -281,10 +303,19 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     loss_model = SupervisedLoss(model)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    lengths = [len(t.input_ids) for t in data.train]
-    micro_per_epoch = math.ceil(len(lengths) / config.batch_size) // world
+    # What one epoch trains on: every task example and this epoch's share of the replay set
+    # (a function of the epoch alone, so a resumed run sees the same examples).
+    pool = data.train + (replay.items if replay else [])
+    n_task = len(data.train)
+
+    def epoch_members(epoch: int) -> list[int]:
+        return list(range(n_task)) + ([n_task + i for i in replay.for_epoch(epoch)]
+                                      if replay else [])
+
+    n_epoch_items = len(epoch_members(0))
+    micro_per_epoch = math.ceil(n_epoch_items / config.batch_size) // world
     if micro_per_epoch == 0:
-        raise AfinarError(f"{len(lengths)} training examples cannot feed {world} processes "
+        raise AfinarError(f"{n_epoch_items} training examples cannot feed {world} processes "
                           f"with batch_size {config.batch_size}", "lower batch_size")
     steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     total_steps = epochs * steps_per_epoch
@@ -293,7 +324,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     has_eval = bool(data.held)
     eval_steps = config.eval_steps or max(1, math.ceil(total_steps / 10))
     save_steps = config.save_steps or eval_steps
-    lr = config.resolved_learning_rate()
+    lr = config.resolved_learning_rate(config_parameter_count(model_config))
 
     optimizer = _build_optimizer(model, config, lr)
     scheduler = _build_scheduler(optimizer, config, total_steps)
@@ -353,15 +384,20 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     start_step = state.global_step
     done = state.global_step >= total_steps
     while not done and state.epoch < epochs:
-        batches = plan_batches(lengths, config.batch_size, config.seed, state.epoch)
-        batches = batches[: micro_per_epoch * world][rank::world]
+        members = epoch_members(state.epoch)
+        batches = plan_batches([len(pool[i].input_ids) for i in members], config.batch_size,
+                               config.seed, state.epoch)
+        batches = [[members[i] for i in b] for b in batches[: micro_per_epoch * world][rank::world]]
         for step_idx in range(state.step_in_epoch, steps_per_epoch):
             ga = config.gradient_accumulation_steps
-            group = [collate([data.train[i] for i in b], pad_id)
+            group = [collate([pool[i] for i in b], pad_id)
                      for b in batches[step_idx * ga:(step_idx + 1) * ga]]
-            local = torch.tensor([sum(int((g["labels"][:, 1:] != IGNORE).sum()) for g in group)],
-                                 device=accelerator.device)
-            n_target = accelerator.reduce(local, "sum").item() if world > 1 else local.item()
+            # Weighted target tokens (the loss's denominator) and plain ones (for accuracy).
+            local = torch.tensor([[target_weight(g) for g in group],
+                                  [int((g["labels"][:, 1:] != IGNORE).sum()) for g in group]],
+                                 dtype=torch.float64, device=accelerator.device).sum(1)
+            local = accelerator.reduce(local, "sum") if world > 1 else local
+            n_target, n_plain = local[0].item(), local[1].item()
             step_started = time.perf_counter()
             sums = torch.zeros(2, dtype=torch.float64)
             for k, batch in enumerate(group):
@@ -392,7 +428,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
             record = {"type": "train", "step": state.global_step,
                       "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
                       "train_loss": last_train_loss,
-                      "train_token_accuracy": (sums[1] / max(1, n_target)).item(),
+                      "train_token_accuracy": (sums[1] / max(1, n_plain)).item(),
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
                       "elapsed_s": round(state.elapsed_s + elapsed, 3)}
@@ -433,6 +469,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
 
     # --- final weights: the best held-out checkpoint, else the last step --------------------
     summary = {"steps": state.global_step, "epochs": epochs, "total_steps": total_steps,
+               "learning_rate": lr, "preserve": replay.info["per_epoch"] if replay else 0,
                "final_train_loss": last_train_loss, "best_eval_loss": state.best_eval_loss,
                "best_step": state.best_step, "stopped_early": state.stopped_early,
                "tokens_seen": state.tokens_seen,

@@ -17,38 +17,48 @@ CHUNK_ROWS = 1024
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
-              softcap: float | None):
+              softcap: float | None, token_weights: torch.Tensor | None = None):
     logits = F.linear(hidden, weight, bias).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    loss = F.cross_entropy(logits, targets, reduction="sum")
+    if token_weights is None:
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+    else:
+        loss = (F.cross_entropy(logits, targets, reduction="none") * token_weights).sum()
     correct = (logits.argmax(-1) == targets).sum()
     return loss, correct
 
 
 def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear,
-                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  softcap: float | None = None, weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of token losses, number of target tokens, number predicted correctly).
 
     Returning the sum, not the mean, lets the caller normalise by the target tokens of the whole
     accumulated batch: a micro-batch-mean would over-weight tokens in short micro-batches.
+    `weights` (one per row) scale each row's token losses, and the count is then their sum.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE
     rows = hidden[:, :-1][keep]
     targets = targets[keep]
+    token_weights = None
+    if weights is not None:
+        token_weights = weights.to(torch.float32)[:, None].expand(keep.shape)[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, rows.shape[0], CHUNK_ROWS):
         args = (rows[start:start + CHUNK_ROWS], head.weight, head.bias,
-                targets[start:start + CHUNK_ROWS], softcap)
+                targets[start:start + CHUNK_ROWS], softcap,
+                None if token_weights is None else token_weights[start:start + CHUNK_ROWS])
         if torch.is_grad_enabled():
             loss, right = checkpoint(_chunk_ce, *args, use_reentrant=False)
         else:
             loss, right = _chunk_ce(*args)
         total = total + loss
         correct = correct + right
-    return total, keep.sum(), correct
+    count = keep.sum() if token_weights is None else token_weights.sum()
+    return total, count, correct
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -65,6 +75,6 @@ class SupervisedLoss(torch.nn.Module):
         self._head = [base.get_output_embeddings()]
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, weights=None):
         out = self._backbone[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return supervised_ce(out[0], labels, self._head[0], self.softcap)
+        return supervised_ce(out[0], labels, self._head[0], self.softcap, weights)
