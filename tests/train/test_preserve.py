@@ -102,9 +102,24 @@ def test_replay_items_weigh_like_a_task_example(tmp_path, tiny_tokenizer, talkin
                                 notify=lambda m: None)
     mean_task = sum(t.n_supervised for t in data.train) / len(data.train)
     for item in built.items:
-        assert 0 < item.weight <= 1
-        assert item.weight * item.n_supervised == pytest.approx(
-            min(item.n_supervised, mean_task), rel=1e-6)
+        head = min(replay.FULL_WEIGHT_TOKENS, item.n_supervised)
+        assert item.full_weight_tokens == head and replay.MIN_WEIGHT <= item.weight <= 1
+        total = head + (item.n_supervised - head) * item.weight
+        if replay.MIN_WEIGHT < item.weight < 1:
+            assert total == pytest.approx(mean_task, rel=1e-6)
+    # In a batch, the first supervised tokens weigh 1 and the rest the example's weight.
+    from afinar.data.batching import collate, target_weight
+
+    long = max(built.items, key=lambda t: t.n_supervised)
+    batch = collate([long, data.train[0]], pad_id=0)
+    labels = batch["labels"]
+    weights = batch["weights"][0][labels[0] != -100]
+    assert weights[:long.full_weight_tokens].eq(1).all()
+    assert torch.allclose(weights[long.full_weight_tokens:], torch.tensor(long.weight))
+    assert batch["weights"][1][labels[1] != -100].eq(1).all()
+    assert target_weight(batch) == pytest.approx(
+        long.full_weight_tokens + (long.n_supervised - long.full_weight_tokens) * long.weight
+        + data.train[0].n_supervised - (1 if labels[1, 0] != -100 else 0), rel=1e-5)
     # Rotation: a function of the epoch alone, and every replay example comes up.
     seen = set()
     for epoch in range(math.ceil(len(built.items) / built.per_epoch)):
@@ -121,7 +136,8 @@ def test_weighted_loss_scales_each_row():
     labels = torch.randint(0, 11, (2, 5))
     labels[:, :2] = -100
     plain, count, _ = supervised_ce(hidden, labels, head)
-    weighted, wcount, _ = supervised_ce(hidden, labels, head, weights=torch.tensor([1.0, 0.25]))
+    weights = torch.tensor([[1.0] * 5, [0.25] * 5])
+    weighted, wcount, _ = supervised_ce(hidden, labels, head, weights=weights)
     row0, _, _ = supervised_ce(hidden[:1], labels[:1], head)
     row1, _, _ = supervised_ce(hidden[1:], labels[1:], head)
     assert plain.item() == pytest.approx(row0.item() + row1.item(), rel=1e-5)

@@ -48,14 +48,24 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         mask[row, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if any(item.weight != 1.0 for item in items):
-        batch["weights"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
+        batch["weights"] = _token_weights(items, labels)
     return batch
 
 
+def _token_weights(items: list[Tokenized], labels: torch.Tensor) -> torch.Tensor:
+    """Per position, the weight of the label there: 1 for the first `full_weight_tokens`
+    supervised tokens of an example, its `weight` after them."""
+    weights = torch.ones(labels.shape, dtype=torch.float32)
+    for row, item in enumerate(items):
+        supervised = (labels[row] != IGNORE).nonzero().flatten()
+        weights[row, supervised[item.full_weight_tokens:]] = item.weight
+    return weights
+
+
 def target_weight(batch: dict[str, torch.Tensor]) -> float:
-    """The batch's supervised tokens, each counted with its example's weight: what a weighted
-    loss sum is normalised by."""
+    """The batch's supervised tokens, each counted with its weight: what a weighted loss sum
+    is normalised by."""
     keep = (batch["labels"][:, 1:] != IGNORE).float()
     if "weights" in batch:
-        keep = keep * batch["weights"][:, None]
+        keep = keep * batch["weights"][:, 1:]
     return float(keep.sum())

@@ -38,7 +38,8 @@ def encode_all(examples: list[Example], encoder: ChatEncoder) -> list[Tokenized]
 
 
 def _reindex(item: Tokenized, index: int) -> Tokenized:
-    return Tokenized(item.input_ids, item.labels, index, item.truncated, item.weight)
+    return Tokenized(item.input_ids, item.labels, index, item.truncated, item.weight,
+                     item.full_weight_tokens)
 
 
 def _fit_all(items: list[Tokenized], max_len: int, overflow: str) -> list[Tokenized]:

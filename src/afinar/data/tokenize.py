@@ -31,7 +31,8 @@ class Tokenized:
     labels: list[int]
     index: int  # position of the source example in its list
     truncated: bool = False
-    weight: float = 1.0  # multiplies each of its tokens' loss (replay examples weigh less)
+    weight: float = 1.0  # multiplies its tokens' loss (replay examples weigh less)...
+    full_weight_tokens: int = 0  # ...except its first N supervised tokens, which weigh 1
 
     @property
     def n_supervised(self) -> int:
@@ -188,4 +189,4 @@ def fit_length(item: Tokenized, max_len: int, overflow: str) -> Tokenized | None
     if all(x == IGNORE for x in labels):
         return None  # nothing left to learn from after truncation
     return Tokenized(item.input_ids[:max_len], labels, item.index, truncated=True,
-                     weight=item.weight)
+                     weight=item.weight, full_weight_tokens=item.full_weight_tokens)

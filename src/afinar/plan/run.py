@@ -65,7 +65,8 @@ def plan_command(config: TrainConfig, device_name: str | None = None,
     tokenizer = load_tokenizer(source)
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(source))
     data = prepare_data(config, ChatEncoder(tokenizer, stops))
-    epochs = auto_epochs(len(data.train)) if config.epochs == "auto" else config.epochs
+    epochs = (auto_epochs(len(data.train), sum(len(t.input_ids) for t in data.train))
+              if config.epochs == "auto" else config.epochs)
     if config.max_steps:
         epochs = min(epochs, _epochs_for_steps(config, len(data.train)))
     if device_name:

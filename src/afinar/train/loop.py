@@ -249,7 +249,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(resolved.weights))
     encoder = ChatEncoder(tokenizer, stops)
     data: PreparedData = prepare_data(config, encoder)
-    epochs = auto_epochs(len(data.train)) if config.epochs == "auto" else config.epochs
+    epochs = (auto_epochs(len(data.train), sum(len(t.input_ids) for t in data.train))
+              if config.epochs == "auto" else config.epochs)
     model_config = read_model_config(resolved.weights)
     replay = None
     if config.preserve_on():

@@ -36,7 +36,8 @@ def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Lin
 
     Returning the sum, not the mean, lets the caller normalise by the target tokens of the whole
     accumulated batch: a micro-batch-mean would over-weight tokens in short micro-batches.
-    `weights` (one per row) scale each row's token losses, and the count is then their sum.
+    `weights` (one per label position, as labels) scale each token's loss, and the count is
+    then their sum.
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -44,7 +45,7 @@ def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Lin
     targets = targets[keep]
     token_weights = None
     if weights is not None:
-        token_weights = weights.to(torch.float32)[:, None].expand(keep.shape)[keep]
+        token_weights = weights[:, 1:].to(torch.float32)[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, rows.shape[0], CHUNK_ROWS):

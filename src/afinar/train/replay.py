@@ -12,8 +12,9 @@ prompt(s): a general question under the task's system prompt keeps an ordinary a
 
 The answers are greedy, so they are generated once per base model and cached (the evaluation's
 answer cache, keyed by weights, tokenizer and settings). Each replay example weighs as much as an
-average task example (its tokens are down-weighted when its answer is longer), and each epoch
-trains on `preserve_ratio` x the training examples of them, rotating through the set.
+average task example: its first 8 answer tokens, where an answer takes its format, weigh 1, the
+rest less (so long base answers do not drown the task). Each epoch trains on `preserve_ratio` x
+the training examples of them, rotating through the set.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from afinar.data.example import Example, Message
-from afinar.data.tokenize import IGNORE, ChatEncoder, Tokenized
+from afinar.data.tokenize import IGNORE, ChatEncoder, TemplateError, Tokenized
 
 PRESERVE_DIR = Path(__file__).resolve().parent.parent / "data" / "preserve"
 PROMPTS_FILE = PRESERVE_DIR / "prompts.jsonl"
@@ -35,6 +36,8 @@ SYSTEMS_FILE = PRESERVE_DIR / "system_prompts.json"
 MAX_NEW_TOKENS = 64  # the start of an answer is where a format shows; keeps replay cheap
 MAX_DATA_SYSTEMS = 4
 MAX_TASK_PROMPTS = 24
+FULL_WEIGHT_TOKENS = 8
+MIN_WEIGHT = 0.05
 
 
 @dataclass
@@ -130,6 +133,16 @@ def _without_end_of_turn(item: Tokenized, stop_ids: set[int]) -> Tokenized:
     return replace(item, input_ids=item.input_ids[:cut + 1], labels=item.labels[:cut + 1])
 
 
+def _trains_with_system(encoder: ChatEncoder) -> bool:
+    probe = Example((Message("system", "s"), Message("user", "u"),
+                     Message("assistant", "a", train=True)))
+    try:
+        encoder.encode(probe)
+    except TemplateError:
+        return False
+    return True
+
+
 def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Example],
                  task_items: list[Tokenized], device, notify: Callable[[str], None] = print,
                  on_progress: Callable[[int, int], None] | None = None) -> ReplaySet:
@@ -140,6 +153,10 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
     systems = data_system_prompts(train_examples)
     conversations = replay_conversations(systems, config.preserve_data_system, train_examples,
                                          config.preserve_task_prompts)
+    if not _trains_with_system(encoder):
+        # Mistral-style templates move the system message to the last user turn: no stable
+        # loss mask with one, so only the replay prompts without a system message are kept.
+        conversations = [(v, m) for v, m in conversations if m[0]["role"] != "system"]
     prompts = [messages for _, messages in conversations]
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
     cache = AnswerCache(_CacheKey(resolved, encoder, device), settings)
@@ -180,8 +197,12 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
             item = _without_end_of_turn(item, encoder.stop_ids)
         if item.n_supervised == 0 or len(item.input_ids) > config.max_seq_length:
             continue
-        # One replay example weighs as much as an average task example.
-        item = replace(item, weight=min(1.0, target / item.n_supervised))
+        # One replay example weighs as much as an average task example, and its first tokens,
+        # where an answer takes its format, weigh as much as a task answer's.
+        head = min(FULL_WEIGHT_TOKENS, item.n_supervised)
+        rest = item.n_supervised - head
+        weight = 1.0 if not rest else min(1.0, max(MIN_WEIGHT, (target - head) / rest))
+        item = replace(item, weight=weight, full_weight_tokens=head)
         examples.append(ex)
         items.append(item)
     per_epoch = min(len(items), max(1, math.ceil(config.preserve_ratio * len(task_items))))
@@ -196,6 +217,7 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
                                       * per_epoch),
             "task_tokens_per_epoch": sum(len(t.input_ids) for t in task_items),
             "mean_weight": round(sum(t.weight for t in items) / max(1, len(items)), 3),
+            "full_weight_tokens": FULL_WEIGHT_TOKENS,
             "generated": len(todo), "from_cache": len(prompts) - len(todo),
             "seconds": round(time.perf_counter() - started, 2),
             "cache_file": str(cache.file) if cache.file else None}
