@@ -4,7 +4,8 @@ three bundled example tasks, in one run.
 
     python bench/bench_defaults.py                       # all tasks, both variants (~30 min, 2 cores)
     python bench/bench_defaults.py --tasks ticket-routing --variants after
-    python bench/bench_defaults.py --variants after,after-no-data-system   # preserve ablation
+    python bench/bench_defaults.py --tasks ticket-routing \
+        --variants after-no-preserve,after-no-task-prompts,after-no-data-system  # preserve ablation
 
 Per task and variant: held-out format adherence; exact and normalised match of the answers'
 rule-fixed part (soporte-triaje: the category and priority lines; the others: the whole answer);
@@ -46,6 +47,7 @@ VARIANTS = {
     "after": {},
     "after-no-data-system": {"preserve_data_system": False},
     "after-no-preserve": {"preserve": False},
+    "after-no-task-prompts": {"preserve_task_prompts": 0.0},
 }
 
 

@@ -26,7 +26,7 @@ def finished_job(server, training_file):
         training_file=training_file.id, model="tiny", suffix="triage", seed=7,
         metadata={"team": "soporte"},
         method={"type": "supervised", "supervised": {"hyperparameters": {
-            "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 50}}})
+            "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10}}})
     assert job.status == "validating_files" and job.object == "fine_tuning.job"
     return wait_for(client, job.id)
 
@@ -38,7 +38,7 @@ def test_a_job_runs_to_success_with_openai_fields(finished_job, client):
     assert job.fine_tuned_model.endswith(job.id.split("-", 1)[1])
     assert job.trained_tokens > 0 and job.finished_at >= job.created_at
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
-    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(50)
+    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(10)
     assert job.seed == 7 and job.metadata == {"team": "soporte"}
     assert job.method.type == "supervised"
     assert job.organization_id == "afinar"

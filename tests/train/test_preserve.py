@@ -66,7 +66,8 @@ def test_replay_set_is_built_once_cached_and_counted(tmp_path, talking_model_dir
     n_train = json.loads((first.run_dir / rundir.DATA_REPORT).read_text())["split"]["train"]
     task_prompts = math.ceil(0.25 * n_train)
     assert info["generated"] == n_prompts + task_prompts and info["from_cache"] == 0
-    assert info["examples"] > 0 and info["per_epoch"] == math.ceil(0.25 * n_train)
+    assert info["examples"] > 0
+    assert info["per_epoch"] == math.ceil(0.25 * n_train) + info["variants"]["task"]
     assert set(info["variants"]) <= {"none", "other", "data", "task"}
     assert info["variants"].get("data") and info["variants"].get("task")
     assert info["data_system_prompts"] == 1
@@ -121,10 +122,14 @@ def test_replay_items_weigh_like_a_task_example(tmp_path, tiny_tokenizer, talkin
         long.full_weight_tokens + (long.n_supervised - long.full_weight_tokens) * long.weight
         + data.train[0].n_supervised - (1 if labels[1, 0] != -100 else 0), rel=1e-5)
     # Rotation: a function of the epoch alone, and every replay example comes up.
+    # The data's prompts under other system prompts come every epoch; the general ones rotate.
+    task = {i for i, ex in enumerate(built.examples) if ex.extra["replay"] == "task"}
+    assert task
     seen = set()
     for epoch in range(math.ceil(len(built.items) / built.per_epoch)):
         picked = built.for_epoch(epoch)
-        assert picked == built.for_epoch(epoch) and len(picked) == built.per_epoch
+        assert picked == built.for_epoch(epoch) and task <= set(picked)
+        assert len(picked) == built.per_epoch + len(task)
         seen.update(picked)
     assert seen == set(range(len(built.items)))
 
@@ -213,3 +218,22 @@ def test_cross_system_leaks_are_counted(tmp_path):
     assert out["sets"]["task_under_other_system"]["baseline_leaks"] == 0
     assert len(out["warnings"]) == 2
 
+
+
+def test_auto_learning_rate_follows_model_size_and_epochs_the_data():
+    from afinar.config import auto_epochs, auto_learning_rate
+
+    assert auto_learning_rate("lora", 7e9) == pytest.approx(2e-4)
+    assert auto_learning_rate("lora", 135e6) == pytest.approx(9.7e-4)  # the embedded model
+    assert auto_learning_rate("lora", 1e5) == 1e-3 and auto_learning_rate("lora", 1e12) == 1e-4
+    assert auto_learning_rate("full", 135e6) == pytest.approx(9.7e-5)
+    assert auto_learning_rate("lora", None) == 2e-4  # size unknown: the 7B recipes' value
+    sizes = [135e6, 360e6, 1.2e9, 3e9, 8e9]
+    rates = [auto_learning_rate("lora", n) for n in sizes]
+    assert rates == sorted(rates, reverse=True)
+    config = TrainConfig(data="x", learning_rate_multiplier=2)
+    assert config.resolved_learning_rate(135e6) == pytest.approx(2 * 9.7e-4)
+    assert TrainConfig(data="x", learning_rate=3e-4).resolved_learning_rate(135e6) == 3e-4
+    assert auto_epochs(44) == 5 and auto_epochs(144) == 2 and auto_epochs(5) == 25
+    assert auto_epochs(20_000) == 1
+    assert auto_epochs(1000, tokens_per_epoch=15_000_000) == 1

@@ -49,14 +49,17 @@ class ReplaySet:
     info: dict = field(default_factory=dict)
 
     def for_epoch(self, epoch: int) -> list[int]:
-        """`per_epoch` indices, rotating through a seeded order so every example comes up."""
-        n = len(self.items)
+        """Every "task" example (the data's own prompts under other system prompts: what ties
+        the format to its system prompt), then `per_epoch` of the general ones, rotating
+        through a seeded order so every one comes up."""
+        always = [i for i, ex in enumerate(self.examples) if ex.extra["replay"] == "task"]
+        general = [i for i, ex in enumerate(self.examples) if ex.extra["replay"] != "task"]
+        n = len(general)
         if not n or not self.per_epoch:
-            return []
-        order = list(range(n))
-        random.Random(self.seed * 7919 + 17).shuffle(order)
+            return always
+        random.Random(self.seed * 7919 + 17).shuffle(general)
         start = (epoch * self.per_epoch) % n
-        return [order[(start + k) % n] for k in range(min(self.per_epoch, n))]
+        return always + [general[(start + k) % n] for k in range(min(self.per_epoch, n))]
 
 
 def load_prompts() -> list[dict]:
@@ -205,16 +208,19 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
         item = replace(item, weight=weight, full_weight_tokens=head)
         examples.append(ex)
         items.append(item)
-    per_epoch = min(len(items), max(1, math.ceil(config.preserve_ratio * len(task_items))))
+    general = sum(ex.extra["replay"] != "task" for ex in examples)
+    per_epoch = min(general, max(1, math.ceil(config.preserve_ratio * len(task_items))))
     variants: dict[str, int] = {}
     for ex in examples:
         variants[ex.extra["replay"]] = variants.get(ex.extra["replay"], 0) + 1
-    info = {"examples": len(items), "per_epoch": per_epoch, "variants": variants,
+    per_epoch_total = per_epoch + variants.get("task", 0)
+    info = {"examples": len(items), "per_epoch": per_epoch_total,
+            "variants": variants,
             "data_system_prompts": min(len(systems), MAX_DATA_SYSTEMS)
             if config.preserve_data_system else 0,
             "tokens": sum(len(t.input_ids) for t in items),
             "tokens_per_epoch": round(sum(len(t.input_ids) for t in items) / max(1, len(items))
-                                      * per_epoch),
+                                      * per_epoch_total),
             "task_tokens_per_epoch": sum(len(t.input_ids) for t in task_items),
             "mean_weight": round(sum(t.weight for t in items) / max(1, len(items)), 3),
             "full_weight_tokens": FULL_WEIGHT_TOKENS,
