@@ -177,6 +177,11 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
     if result.is_main_process and config.evaluate and result.summary.get("held_out_examples"):
         # Outside the try above: the model is trained and saved whatever happens here.
         result.report = _evaluate_run(result.run_dir, on_event)
+    elif result.is_main_process and config.evaluate and on_event:
+        on_event({"type": "log", "level": "warning", "message": "no held-out example is left "
+                  "(held_out_fraction 0, or every one longer than max_seq_length with overflow "
+                  "drop): the end-of-run evaluation was skipped; run `afinar eval RUN --data "
+                  "FILE` with a held-out file"})
     return result
 
 
