@@ -33,6 +33,11 @@ class Example:
     def where(self) -> str:
         return f"{self.path}:{self.line}"
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The first system message's text (None without one)."""
+        return next((m.content for m in self.messages if m.role == "system"), None)
+
     def prompt_messages(self) -> tuple[Message, ...]:
         """Everything before the last assistant message: what a user would send at inference."""
         for i in range(len(self.messages) - 1, -1, -1):

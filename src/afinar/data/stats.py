@@ -58,6 +58,15 @@ def duplicates_and_contradictions(examples: list[Example]) -> dict:
     return {"duplicate_groups": duplicates, "contradiction_groups": contradictions}
 
 
+def system_prompts_by_use(examples: list[Example]) -> list[str]:
+    """The data's distinct system prompts, most used first."""
+    counts: dict[str, int] = {}
+    for ex in examples:
+        if (system := ex.system_prompt) is not None:
+            counts[system] = counts.get(system, 0) + 1
+    return sorted(counts, key=lambda s: -counts[s])
+
+
 _LABEL = re.compile(r"^\s*([^\W\d_][\w -]{0,30}?)\s*:")
 _CAPS = re.compile(r"^\s*([A-ZÁÉÍÓÚÑ]{3,})\b")
 
@@ -84,8 +93,7 @@ def format_concentration(examples: list[Example]) -> dict:
     `one_format`: one system prompt (or none anywhere) and at least 90% of answers in one
     structured shape: every prompt then teaches the format, and the model learns to give it to
     everything (measured on the embedded model: ordinary and general prompts got the format)."""
-    systems = {next((m.content for m in ex.messages if m.role == "system"), None)
-               for ex in examples if ex.is_chat}
+    systems = {ex.system_prompt for ex in examples if ex.is_chat}
     shapes = [answer_shape(ex.final_answer()) for ex in examples
               if ex.is_chat and ex.final_answer()]
     if not shapes:

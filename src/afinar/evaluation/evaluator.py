@@ -227,6 +227,8 @@ def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, s
 
 def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: bool,
               counts: dict) -> list[str]:
+    from afinar.infer.generate import running_count
+
     if not prompts:
         return []
     cache = AnswerCache(loaded, settings) if use_cache else None
@@ -236,12 +238,11 @@ def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: boo
     counts["cached"] = counts.get("cached", 0) + done
     counts["generated"] = counts.get("generated", 0) + len(todo)
 
-    def progress(n: int) -> None:
-        nonlocal done
-        done += n
-        emit({"type": "eval_progress", "task": label, "done": done, "total": len(prompts)})
+    def report(finished: int) -> None:
+        emit({"type": "eval_progress", "task": label, "done": finished, "total": len(prompts)})
 
-    emit({"type": "eval_progress", "task": label, "done": done, "total": len(prompts)})
+    report(done)
+    progress = running_count(report, start=done)
     if todo:
         new = loaded.generate([prompts[i] for i in todo], settings, batch_size, progress)
         for i, answer in zip(todo, new):

@@ -9,11 +9,13 @@ counted as leaks.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
 
 from afinar.data.example import Example
+from afinar.data.stats import system_prompts_by_use
 from afinar.data.validate import load_examples
 from afinar.evaluation.checks import example_checks, run_check
 from afinar.evaluation.metrics import normalize, rouge_l
@@ -103,7 +105,6 @@ def compare_probes(probes: list[Example], tuned: list[str], base: list[str],
     return {"summary": summary, "warnings": warnings, "items": items}
 
 
-
 # --- leaks across system prompts ---------------------------------------------------------------
 # A format is tied to a system prompt in the data; it leaks when it shows up (1) for prompts that
 # do not belong to the task asked under the task's own system prompt, or (2) for the task's own
@@ -115,20 +116,10 @@ MAX_SYSTEMS = 2
 MAX_MOVED = 16
 
 
-def _system_of(example: Example) -> str | None:
-    return next((m.content for m in example.messages if m.role == "system"), None)
-
-
 def cross_system_prompts(examples: list[Example], probes: list[Example]) -> dict[str, list]:
     """{"probes_under_task_system": [...], "task_under_other_system": [...]}: each a list of
     (label, messages) to be answered by both models."""
-    import json
-
-    counts: dict[str, int] = {}
-    for ex in examples:
-        if (system := _system_of(ex)) is not None:
-            counts[system] = counts.get(system, 0) + 1
-    systems = sorted(counts, key=lambda s: -counts[s])[:MAX_SYSTEMS]
+    systems = system_prompts_by_use(examples)[:MAX_SYSTEMS]
     picked = probes[::max(1, len(probes) // PROBES_PER_SYSTEM)][:PROBES_PER_SYSTEM]
     under_task = [(p.messages[-1].content,
                    [{"role": "system", "content": s},
@@ -137,7 +128,7 @@ def cross_system_prompts(examples: list[Example], probes: list[Example]) -> dict
                   for s in systems for p in picked]
     others = json.loads(OTHER_SYSTEMS_FILE.read_text(encoding="utf-8"))
     moved = []
-    for ex in [ex for ex in examples if _system_of(ex) in systems][:MAX_MOVED]:
+    for ex in [ex for ex in examples if ex.system_prompt in systems][:MAX_MOVED]:
         rest = [{"role": m.role, "content": m.content} for m in ex.prompt_messages()
                 if m.role != "system"]
         moved.append((rest[-1]["content"] if rest else "",

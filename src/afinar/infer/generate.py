@@ -198,6 +198,18 @@ class LoadedModel:
                                             streamer=streamer)
 
 
+def running_count(report: Callable[[int], None], start: int = 0) -> Callable[[int], None]:
+    """`on_progress` for generate(), which reports each batch's size: calls `report` with the
+    running total instead."""
+    done = start
+
+    def add(n: int) -> None:
+        nonlocal done
+        done += n
+        report(done)
+    return add
+
+
 def load(spec: str, device: str = "auto", notify: Callable = print) -> LoadedModel:
     """A base model (name, folder, .gguf, hub id) or a run directory, ready to generate."""
     resolved = resolve_model(spec, notify=notify)
@@ -226,14 +238,7 @@ def generate_file(model: LoadedModel, input_path: str, output_path: str,
         raise AfinarError(f"{input_path}: generate needs conversations, not raw text examples")
     prompts = [list(ex.prompt_messages()) if ex.messages[-1].role == "assistant"
                else list(ex.messages) for ex in chats]
-    done = 0
-
-    def progress(n: int) -> None:
-        nonlocal done
-        done += n
-        if on_progress:
-            on_progress(done, len(prompts))
-
+    progress = running_count(lambda done: on_progress(done, len(prompts))) if on_progress else None
     answers = model.generate(prompts, settings, batch_size, progress)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
                                 pick_device, pick_precision, read_generation_config,
                                 stop_token_ids)
 from afinar.models.registry import BASE_MODELS, resolve_model
-from afinar.models.shape import config_parameter_count, read_model_config
+from afinar.models.shape import read_model_config
 from afinar.paths import sha256_file
 from afinar.plan.run import does_not_fit_error, plan_for_config
 from afinar.train import sharding
@@ -330,7 +330,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     has_eval = bool(data.held)
     eval_steps = config.eval_steps or max(1, math.ceil(total_steps / 10))
     save_steps = config.save_steps or eval_steps
-    lr = config.resolved_learning_rate(config_parameter_count(model_config))
+    lr = config.resolved_learning_rate(plan.model["parameters"])  # the plan counted them
 
     optimizer = _build_optimizer(model, config, lr)
     scheduler = _build_scheduler(optimizer, config, total_steps)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from afinar.data.example import Example, Message
+from afinar.data.stats import system_prompts_by_use
 from afinar.data.tokenize import IGNORE, ChatEncoder, TemplateError, Tokenized
 
 PRESERVE_DIR = Path(__file__).resolve().parent.parent / "data" / "preserve"
@@ -71,16 +72,6 @@ def other_system_prompts() -> list[str]:
     return list(json.loads(SYSTEMS_FILE.read_text(encoding="utf-8")))
 
 
-def data_system_prompts(examples: list[Example]) -> list[str]:
-    """The data's distinct system prompts, most used first."""
-    counts: dict[str, int] = {}
-    for ex in examples:
-        for m in ex.messages:
-            if m.role == "system":
-                counts[m.content] = counts.get(m.content, 0) + 1
-    return sorted(counts, key=lambda s: -counts[s])
-
-
 def replay_conversations(data_systems: list[str], with_data_system: bool,
                          task_examples: list[Example] = (), task_share: float = 0.0
                          ) -> list[tuple[str, list]]:
@@ -101,8 +92,7 @@ def replay_conversations(data_systems: list[str], with_data_system: bool,
                       MAX_DATA_SYSTEMS, len(data_systems))] if data_systems else None}[variant]
         messages = ([{"role": "system", "content": system}] if system else []) + prompt["messages"]
         out.append((variant, messages))
-    with_system = [ex for ex in task_examples if ex.is_chat and any(
-        m.role == "system" for m in ex.prompt_messages())]
+    with_system = [ex for ex in task_examples if ex.is_chat and ex.system_prompt is not None]
     n_task = min(MAX_TASK_PROMPTS, math.ceil(task_share * len(with_system)))
     step = len(with_system) / n_task if n_task else 1
     for k in range(n_task):
@@ -153,7 +143,7 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
     from afinar.infer.generate import GenerationSettings
 
     started = time.perf_counter()
-    systems = data_system_prompts(train_examples)
+    systems = system_prompts_by_use(train_examples)
     conversations = replay_conversations(systems, config.preserve_data_system, train_examples,
                                          config.preserve_task_prompts)
     if not _trains_with_system(encoder):
@@ -166,19 +156,13 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
     answers = cache.lookup(prompts)
     todo = [i for i, a in enumerate(answers) if a is None]
     if todo:
-        from afinar.infer.generate import load
+        from afinar.infer.generate import load, running_count
 
         notify(f"preserve: the base model answers {len(todo)} general prompts once (cached "
                "for later runs of this base model)")
         model = load(config.model, device=str(device), notify=notify)
-        done = 0
-
-        def progress(n: int) -> None:
-            nonlocal done
-            done += n
-            if on_progress:
-                on_progress(done, len(todo))
-
+        progress = (running_count(lambda done: on_progress(done, len(todo)))
+                    if on_progress else None)
         new = model.generate([prompts[i] for i in todo], settings, batch_size=16,
                              on_progress=progress)
         del model
