@@ -1,19 +1,27 @@
 """Training benchmark: afinar's loop vs TRL's SFTTrainer on the same data, model and settings.
 
-    .venv/bin/python bench/bench_train.py [--steps 12] [--out bench/results/train.json]
+    .venv/bin/python bench/bench_train.py [--steps 12] [--precision auto|fp32|bf16]
+        [--compile on|off|auto] [--out bench/results/train.json]
 
 Needs the `bench` extra (trl==1.16.0, datasets==5.2.0) and the embedded SmolLM2-135M-Instruct
 (converted once by any `afinar` command, into ~/.cache/afinar/models/smollm2-135m-instruct).
 
 Both sides: LoRA r=16, alpha=32, dropout 0, all-linear; batch 4; lr 1e-3, cosine schedule with
-10% warmup; grad-norm clip 1.0; no weight decay; fp32 on CPU; seed 42; same number of optimizer
-steps; the same 135 examples with loss on assistant tokens only (incl. <|im_end|>); max length 512;
+10% warmup; grad-norm clip 1.0; no weight decay; the same precision on CPU (fp32, or bf16 autocast
+over fp32 master weights; auto picks bf16 only on a CPU with native bf16, as afinar does);
+seed 42; same number of optimizer steps; the same 135 examples with loss on assistant tokens only (incl. <|im_end|>); max length 512;
 no evaluation and no checkpointing in the timed steps (afinar: see README for its final save).
 
 Each side runs in its own subprocess (run order: afinar, then TRL), so peak RSS
-(getrusage(RUSAGE_SELF).ru_maxrss, in the child) is measured per side. Timed region: from the
-start of optimizer step 1 to the end of the last step (model load and data preparation excluded).
+(getrusage(RUSAGE_SELF).ru_maxrss, in the child) is measured per side. Timed region: steady
+state, from the end of optimizer step 1 to the end of the last step, on both sides (step 1 holds
+warm-ups, and afinar's compile of its decoder layers, reported apart as `first_step_seconds`).
 Tokens are non-padding tokens (attention_mask sum) of the batches actually trained on.
+
+Before the two sides, the parent measures the machine's matmul peak (GFLOP/s, fp32 and bf16, on
+the model's own shapes) and each side's share of it: 4 FLOPs per frozen linear weight per token
+(forward and input gradient; LoRA, attention and the head are not counted, so the share is a
+lower bound).
 
 The numbers are for reading, never for test assertions: a 2-core machine shared with other jobs
 is noisy; see bench/README.md.
@@ -66,6 +74,50 @@ SMOLLM2_TRAINING_TEMPLATE = (
 
 
 # --- helpers used by both children ---------------------------------------------------------------
+
+def _resolved_precision(requested: str) -> str:
+    from afinar.models.load import pick_precision
+
+    import torch
+
+    return pick_precision(requested, torch.device("cpu"))
+
+
+def matmul_peak(model_dir: Path, threads: int) -> dict:
+    """GFLOP/s of the model's own matmul shapes (800 rows: a batch of 4 x 200 tokens), fp32 and
+    bf16, on `threads` threads: the best the machine does for this model's arithmetic."""
+    import torch
+
+    torch.set_num_threads(threads)
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    shapes = [(800, hidden, inter), (800, inter, hidden), (800, hidden, hidden)]
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = []
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            for _ in range(3):
+                a @ b
+            reps, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 0.5:
+                a @ b
+                reps += 1
+            best.append(2 * m * k * n * reps / (time.perf_counter() - started) / 1e9)
+        out[name] = round(sum(best) / len(best), 1)
+    return out
+
+
+def frozen_linear_params(model_dir: Path) -> int:
+    """Weights of the decoder layers' linear maps (what every token multiplies)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    h, i = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads",
+                                                         config["num_attention_heads"])
+    head_dim = config.get("head_dim", h // heads)
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    return config["num_hidden_layers"] * (attn + 3 * h * i)
+
 
 def _rss_mb() -> float:
     """Current resident set size (VmRSS), MB."""
@@ -160,6 +212,8 @@ def child_afinar(args) -> dict:
                          total_steps=event["total_steps"])
         elif event["type"] == "step":
             step_losses.append(event["train_loss"])
+        elif event["type"] == "end":
+            marks["compiled"] = event.get("compiled")
 
     with tempfile.TemporaryDirectory(prefix="bench-afinar-") as tmp:
         config = TrainConfig(
@@ -171,7 +225,8 @@ def child_afinar(args) -> dict:
             gradient_accumulation_steps=1, warmup_ratio=WARMUP_RATIO, lr_scheduler="cosine",
             weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, max_seq_length=MAX_LENGTH,
             seed=SEED, eval_steps=args.steps + 1, save_steps=args.steps + 1,
-            early_stopping_patience=None, precision="fp32", device="cpu")
+            early_stopping_patience=None, precision=args.precision, device="cpu",
+            compile={"on": True, "off": False, "auto": "auto"}[args.compile])
         wall0 = time.perf_counter()
         result = loop.train(config, on_event=on_event)
         wall = time.perf_counter() - wall0
@@ -180,13 +235,16 @@ def child_afinar(args) -> dict:
         records = [json.loads(line) for line in
                    (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_records = [r for r in records if r.get("type") == "train"]
-    steps_seconds = train_records[-1]["elapsed_s"]  # step 1 start -> end of last optimizer step
     trained = batches[: summary["steps"]]
     tokens = sum(b[0] for b in trained)
     if tokens != summary["tokens_seen"]:
         marks["token_count_mismatch"] = {"collate": tokens, "summary": summary["tokens_seen"]}
+    # Steady state: end of step 1 -> end of the last step, over the batches of steps 2..N.
+    steps_seconds = train_records[-1]["elapsed_s"] - train_records[0]["elapsed_s"]
+    marks["first_step_seconds"] = train_records[0]["elapsed_s"]
     return {
-        **_side_result("afinar", summary["steps"], steps_seconds, trained, peak, step_losses, wall),
+        **_side_result("afinar", summary["steps"], steps_seconds, trained[1:], peak, step_losses,
+                       wall),
         "final_train_loss": summary["final_train_loss"],
         "afinar_summary": {k: summary[k] for k in ("train_seconds", "tokens_seen", "tokens_per_s",
                                                    "peak_memory_mb", "precision")},
@@ -218,6 +276,7 @@ def child_trl(args) -> dict:
     tokenizer.chat_template = SMOLLM2_TRAINING_TEMPLATE
 
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
+    bf16 = _resolved_precision(args.precision) == "bf16"  # autocast over fp32, as afinar
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], bias="none",
                              task_type="CAUSAL_LM")
@@ -242,7 +301,7 @@ def child_trl(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         sft_args = SFTConfig(
-            output_dir=tmp, use_cpu=True, bf16=False, fp16=False,
+            output_dir=tmp, use_cpu=True, bf16=bf16, fp16=False,
             max_length=MAX_LENGTH, per_device_train_batch_size=BATCH_SIZE,
             gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LEARNING_RATE,
             lr_scheduler_type="cosine", warmup_steps=_warmup_steps(args.steps),
@@ -277,8 +336,9 @@ def child_trl(args) -> dict:
         steps = trainer.state.global_step
         prepared = trainer.train_dataset
 
-    steps_seconds = step_end_times[-1] - marks.pop("t0")
-    trained = batches[:steps]
+    marks["first_step_seconds"] = step_end_times[0] - marks.pop("t0")
+    steps_seconds = step_end_times[-1] - step_end_times[0]  # steps 2..N, as afinar's side
+    trained = batches[1:steps]
     trl_tokens = log_records[-1].get("num_tokens") if log_records else None
     step_losses = [entry["loss"] for entry in log_records]
 
@@ -335,7 +395,8 @@ def _run_child(side: str, args, threads: int) -> dict:
         out = Path(handle.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side,
            "--child-out", str(out), "--steps", str(args.steps), "--threads", str(threads),
-           "--model", str(args.model), "--data", str(args.data)]
+           "--model", str(args.model), "--data", str(args.data), "--precision", args.precision,
+           "--compile", args.compile]
     load_before = _loadavg()
     print(f"[{side}] running {args.steps} steps ({threads} threads)...", flush=True)
     started = time.perf_counter()
@@ -362,6 +423,9 @@ def _table(a: dict, b: dict, ratios: dict) -> str:
         ("longest sequence", "max_batch_width", "{:d}"),
         ("tokens/s", "tokens_per_s", "{:.1f}"),
         ("padded tokens/s", "padded_tokens_per_s", "{:.1f}"),
+        ("GFLOP/s (counted)", "gflop_per_s", "{:.1f}"),
+        ("share of matmul peak", "share_of_matmul_peak", "{:.1%}"),
+        ("first step (s)", "first_step_seconds", "{:.1f}"),
         ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
         ("RSS at step 1 (MB)", "rss_at_start_mb", "{:.0f}"),
         ("final train loss", "final_train_loss", "{:.4f}"),
@@ -390,6 +454,11 @@ def main(argv=None) -> int:
                         help="torch/OMP threads for both sides (default: torch's default)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="both sides; auto: bf16 on a CPU with native bf16, else fp32")
+    parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
+                        help="afinar's `compile` setting (default on: steady-state speed; the "
+                        "compile itself is in first_step_seconds)")
     parser.add_argument("--child", choices=["afinar", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -417,8 +486,17 @@ def main(argv=None) -> int:
         except md.PackageNotFoundError:
             versions[name] = None
 
+    precision = _resolved_precision(args.precision)
+    peak = matmul_peak(args.model, threads)
+    flops_per_token = 4 * frozen_linear_params(args.model)
+    print(f"matmul peak on the model's shapes, {threads} threads: fp32 {peak['fp32']} GFLOP/s, "
+          f"bf16 {peak['bf16']} GFLOP/s; training in {precision}", flush=True)
     order = ["afinar", "trl"]
     results = {side: _run_child(side, args, threads) for side in order}
+    for result in results.values():
+        gflops = result["padded_tokens_per_s"] * flops_per_token / 1e9
+        result["gflop_per_s"] = round(gflops, 1)
+        result["share_of_matmul_peak"] = round(gflops / peak[precision], 3)
     a, b = results["afinar"], results["trl"]
     ratios = {
         "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
@@ -437,6 +515,11 @@ def main(argv=None) -> int:
     if labels.get("checked"):
         print(f"label masks identical to afinar's: {labels['labels_identical']}/{labels['checked']} "
               f"examples (input ids: {labels['input_ids_identical']}/{labels['checked']})")
+    print(f"share of the {precision} matmul peak ({peak[precision]} GFLOP/s; 4 FLOPs per frozen "
+          f"linear weight per padded token): afinar {a['share_of_matmul_peak']:.0%}, "
+          f"TRL {b['share_of_matmul_peak']:.0%}")
+    print(f"first step (warm-up; afinar's compile): afinar {a['first_step_seconds']:.1f} s, "
+          f"TRL {b['first_step_seconds']:.1f} s")
     print(f"run order: {' then '.join(order)}; load average before/after each: "
           + "; ".join(f"{s} {results[s]['loadavg_before']} -> {results[s]['loadavg_after']}"
                       for s in order))
@@ -447,7 +530,9 @@ def main(argv=None) -> int:
         "settings": {"lora": LORA, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                      "lr_scheduler": "cosine", "warmup_steps": _warmup_steps(args.steps),
                      "max_length": MAX_LENGTH, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
-                     "precision": "fp32", "device": "cpu", "loss": "assistant tokens only"},
+                     "precision": precision, "compile": args.compile, "device": "cpu",
+                     "loss": "assistant tokens only"},
+        "matmul_peak_gflop_per_s": peak, "flops_per_token_counted": flops_per_token,
         "model": str(args.model), "data": str(args.data),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "loadavg_end": _loadavg()},

@@ -87,6 +87,13 @@ class TrainConfig(_Strict):
         "auto", description="Recompute activations in the backward pass (about a third more "
         "compute per step, a fraction of the activation memory). auto: on only when the memory "
         "plan says the run does not fit without it.")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Compile each decoder layer with torch.compile (Inductor: fused "
+        "element-wise kernels, fewer saved activations; measured on the embedded model on a "
+        "CPU: about 1.5x the tokens/s at less peak memory). The first compile takes 30-60 s on "
+        "a small CPU (cached on disk for later runs). auto: on for single-process LoRA or full "
+        "runs on a CPU with a C++ compiler, without quantization or gradient checkpointing, "
+        "when the plan estimates more than 2 minutes of training.")
     max_memory: str | None = Field(
         None, description="Memory budget the plan must fit, e.g. 12GB or 800MB. Default: the "
         "GPU's memory, or on a CPU the memory available now.")

@@ -49,6 +49,42 @@ def test_chunked_head_matches_unchunked(monkeypatch):
     assert full[1] == chunked[1] and full[2] == chunked[2]
 
 
+def _reference_ce(hidden, labels, head, softcap=None, weights=None):
+    """Plain autograd over the full logits: what the fused head must equal."""
+    logits = head(hidden[:, :-1]).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                             ignore_index=IGNORE, reduction="none")
+    if weights is not None:
+        losses = losses * weights[:, 1:].reshape(-1)
+    return losses.sum()
+
+
+def test_fused_head_gradients_match_autograd(monkeypatch):
+    """The fused head computes its gradients in the forward pass: they must be the ones
+    autograd gets from the full logits (hidden states, head weight and bias, softcap, token
+    weights, and the incoming gradient's scale), over several chunks."""
+    monkeypatch.setattr("afinar.train.losses.CHUNK_ROWS", 5)
+    torch.manual_seed(0)
+    for softcap, weighted in ((None, False), (30.0, True)):
+        head = torch.nn.Linear(8, 30, bias=True)
+        hidden = torch.randn(2, 12, 8, requires_grad=True)
+        labels = torch.randint(0, 30, (2, 12))
+        labels[:, :4] = IGNORE
+        weights = torch.rand(2, 12) if weighted else None
+        total, _, _ = supervised_ce(hidden, labels, head, softcap, weights)
+        (total * 0.37).backward()
+        fused = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+        for t in (hidden, head.weight, head.bias):
+            t.grad = None
+        expected = _reference_ce(hidden, labels, head, softcap, weights)
+        (expected * 0.37).backward()
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(fused, (hidden.grad, head.weight.grad, head.bias.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

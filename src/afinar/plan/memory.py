@@ -34,7 +34,7 @@ MB = 2**20
 NF4_BYTES_PER_WEIGHT = 0.5 + (1 + 4 / 256) / 64
 INT8_BYTES_PER_WEIGHT = 1.0  # + one fp32 scale per output row, added per layer
 ADAMW_BYTES_PER_WEIGHT = 8  # two fp32 moments
-LOSS_CHUNK_ROWS = 1024  # train/losses.py CHUNK_ROWS
+LOSS_CHUNK_ROWS = 256  # train/losses.py CHUNK_ROWS
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BACKWARD_SHARE = 0.8
 
@@ -108,8 +108,9 @@ def memory_parts(weights: WeightBudget, probe: ActivationProbe, batch_size: int,
     activations = batch_size * per_example
     rows = max(1, target_rows)
     chunk = min(rows, LOSS_CHUNK_ROWS)
-    # rows kept for the chunks' recomputation + one chunk's fp32 logits, their softmax and grad
-    loss = rows * probe.hidden_size * 4 + chunk * probe.vocab_size * 4 * 3
+    # the rows' gradient (computed in the forward pass) + one chunk's fp32 logits, turned into
+    # their gradient in place, and the copy cast for the matmul
+    loss = rows * probe.hidden_size * 4 + chunk * probe.vocab_size * 4 * 2
     backward = int(BACKWARD_SHARE * activations)
     trainable = weights.trainable_params
     return MemoryParts(runtime=runtime_bytes, weights=weights.weights_bytes,

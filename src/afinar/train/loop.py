@@ -45,6 +45,7 @@ from afinar.plan.run import does_not_fit_error, plan_for_config
 from afinar.train import sharding
 from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
+from afinar.train.compiled import compile_layers, should_compile
 from afinar.train.host_memory import return_freed_memory
 from afinar.train.losses import SupervisedLoss
 from afinar.train.replay import build_replay
@@ -274,10 +275,18 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     if not plan.fits:
         raise does_not_fit_error(plan, config)
     checkpointing = plan.chosen.settings.gradient_checkpointing
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    compiled, why = should_compile(config.compile, device=device, world=world_size,
+                                   quantization=config.quantization, checkpointing=checkpointing,
+                                   planned_train_seconds=plan.time["train_seconds"])
+    if config.compile is not False:
+        say(why)
 
     accelerator = make_accelerator(device, precision)
     set_seed(config.seed)
-    if accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu" and not compiled:
+        # Eager steps allocate every element-wise result apart; compiled layers do not need
+        # this (train/compiled.py measures both).
         return_freed_memory()
     model = load_training_model(
         resolved, frozen_linear_dtype(config.method, config.lora.dora, precision),
@@ -304,6 +313,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     model = adapters.attach(model, config.method, config.lora)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
+    if compiled:
+        compile_layers(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     loss_model = SupervisedLoss(model)
@@ -486,6 +497,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
                "trainable_params": n_trainable, "precision": precision, "processes": world,
                "gradient_checkpointing": checkpointing, "quantization": config.quantization,
+               "compiled": compiled,
                "planned_peak_memory_mb": round(plan.peak_bytes / 2**20, 1),
                "held_out_examples": len(data.held)}
     weights = sharding.full_weights(accelerator, loss_model, model)  # all ranks; None unsharded

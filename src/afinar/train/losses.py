@@ -1,32 +1,87 @@
 """Pure loss functions.
 
-The language-model head is applied only at positions that carry a label, in chunks recomputed
-during backward: with a 49k-token vocabulary the full logits tensor dominates activation memory,
-and most positions (the prompt) need no logits at all.
+The language-model head is applied only at positions that carry a label: with a 49k-token
+vocabulary the logits dominate activation memory, and most positions (the prompt) need no
+logits at all. The head and the cross-entropy are fused: each chunk of rows computes its logits,
+its loss and, in the same pass, the gradient for the hidden states (and for the head's weight
+when it trains), so no logits are kept for the backward pass and none are recomputed
+(measured on the embedded model: the recomputing version spent 18% of its matmul time on the
+head, a third of it in the recomputation).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from afinar.data.tokenize import IGNORE
 
-CHUNK_ROWS = 1024
+# Rows per chunk: one chunk's fp32 logits (rows x vocabulary) is the loss's transient memory,
+# 50 MB for a 49k vocabulary; the head's matmul is as fast at 256 rows as at 1024 here.
+CHUNK_ROWS = 256
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
-              softcap: float | None, token_weights: torch.Tensor | None = None):
-    logits = F.linear(hidden, weight, bias).float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    if token_weights is None:
-        loss = F.cross_entropy(logits, targets, reduction="sum")
-    else:
-        loss = (F.cross_entropy(logits, targets, reduction="none") * token_weights).sum()
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, correct
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    """(sum of weighted token losses, number predicted correctly) of `rows` against `targets`;
+    the gradients are computed in the forward pass, chunk by chunk, and only scaled in the
+    backward pass (the loss is linear in its incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, token_weights, softcap):
+        need = (rows.requires_grad, weight.requires_grad,
+                bias is not None and bias.requires_grad)
+        grad_rows = torch.zeros_like(rows) if need[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        correct = torch.zeros((), dtype=torch.long, device=rows.device)
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            part = rows[start:start + CHUNK_ROWS]
+            target = targets[start:start + CHUNK_ROWS]
+            logits = F.linear(part, weight, bias).float()
+            squash = None
+            if softcap:
+                squash = torch.tanh(logits / softcap)
+                logits = softcap * squash
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            scale = None if token_weights is None else token_weights[start:start + CHUNK_ROWS]
+            losses = lse - picked
+            total += (losses if scale is None else losses * scale).sum()
+            correct += (logits.argmax(-1) == target).sum()
+            if not any(need):
+                continue
+            # d(loss)/d(logits) = softmax - one-hot, in place over the logits.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1
+            if scale is not None:
+                grad *= scale[:, None]
+            if squash is not None:
+                grad *= 1 - squash * squash
+            grad_in = grad.to(part.dtype if not torch.is_autocast_enabled(part.device.type)
+                              else torch.get_autocast_dtype(part.device.type))
+            if need[0]:
+                grad_rows[start:start + CHUNK_ROWS] = grad_in @ weight.to(grad_in.dtype)
+            if need[1]:
+                grad_weight += (grad_in.t() @ part.to(grad_in.dtype)).float()
+            if need[2]:
+                grad_bias += grad.sum(0)
+        ctx.grads = (grad_rows, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):
+        grad_rows, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None
+        scaled = [None if g is None else g * grad_total.to(g.dtype)
+                  for g in (grad_rows, grad_weight, grad_bias)]
+        if scaled[1] is not None:
+            scaled[1] = scaled[1].to(ctx.dtypes[0])
+        if scaled[2] is not None:
+            scaled[2] = scaled[2].to(ctx.dtypes[1])
+        return scaled[0], scaled[1], scaled[2], None, None, None
 
 
 def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear,
@@ -46,18 +101,8 @@ def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Lin
     token_weights = None
     if weights is not None:
         token_weights = weights[:, 1:].to(torch.float32)[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, rows.shape[0], CHUNK_ROWS):
-        args = (rows[start:start + CHUNK_ROWS], head.weight, head.bias,
-                targets[start:start + CHUNK_ROWS], softcap,
-                None if token_weights is None else token_weights[start:start + CHUNK_ROWS])
-        if torch.is_grad_enabled():
-            loss, right = checkpoint(_chunk_ce, *args, use_reentrant=False)
-        else:
-            loss, right = _chunk_ce(*args)
-        total = total + loss
-        correct = correct + right
+    total, correct = _FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
+                                                  token_weights, softcap)
     count = keep.sum() if token_weights is None else token_weights.sum()
     return total, count, correct
 
