@@ -67,7 +67,8 @@ def test_auto_compiles_only_where_it_pays_and_works():
     assert should_compile(False, **plain) == (False, "compile: off")
     for change, words in (({"planned_train_seconds": 30}, "pays from"),
                           ({"world": 2}, "multi-process"), ({"quantization": "4bit"}, "quantized"),
-                          ({"checkpointing": True}, "checkpointing"), ({"device": gpu}, "CPUs")):
+                          ({"checkpointing": True}, "checkpointing"), ({"device": gpu}, "CPUs"),
+                          ({"sharded": True}, "FSDP/DeepSpeed")):
         on, why = should_compile("auto", **{**plain, **change})
         assert not on and words in why
     assert should_compile(True, **{**plain, "device": gpu})[0]  # asked for: done

@@ -35,11 +35,14 @@ def has_cpp_compiler() -> bool:
 
 
 def should_compile(setting, *, device: torch.device, world: int, quantization: str,
-                   checkpointing: bool, planned_train_seconds: float) -> tuple[bool, str]:
+                   checkpointing: bool, planned_train_seconds: float, sharded: bool = False
+                   ) -> tuple[bool, str]:
     """(compile or not, why) for the config's `compile` setting."""
     if setting is False:
         return False, "compile: off"
     blockers = []
+    if sharded:
+        blockers.append("FSDP/DeepSpeed runs are not compiled")
     if device.type != "cpu":
         blockers.append("auto compiles on CPUs only (set compile: true on a GPU)")
     if world > 1:
@@ -67,7 +70,12 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def compile_layers(model) -> int:
-    """Compiles every decoder layer in place; returns how many."""
+    """Compiles every decoder layer in place; returns how many. A layer the compiler cannot
+    handle (a missing header on a user's machine, an operator Inductor lacks) runs eagerly, with
+    torch's warning, instead of failing the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
