@@ -75,15 +75,24 @@ SMOLLM2_TRAINING_TEMPLATE = (
 
 # --- helpers used by both children ---------------------------------------------------------------
 
-def _resolved_precision(requested: str) -> str:
+def _resolved_precision(requested: str, device: str = "cpu") -> str:
     from afinar.models.load import pick_precision
 
     import torch
 
-    return pick_precision(requested, torch.device("cpu"))
+    return pick_precision(requested, torch.device(device))
 
 
-def matmul_peak(model_dir: Path, threads: int) -> dict:
+def _device_peak_mb(device: str) -> float | None:
+    """Peak memory allocated on a GPU (what limits a GPU run); None on a CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def matmul_peak(model_dir: Path, threads: int, device: str = "cpu") -> dict:
     """GFLOP/s of the model's own matmul shapes (800 rows: a batch of 4 x 200 tokens), fp32 and
     bf16, on `threads` threads: the best the machine does for this model's arithmetic."""
     import torch
@@ -93,16 +102,23 @@ def matmul_peak(model_dir: Path, threads: int) -> dict:
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     shapes = [(800, hidden, inter), (800, inter, hidden), (800, hidden, hidden)]
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    kinds = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    if device.startswith("cuda"):
+        kinds.append(("fp16", torch.float16))
+    for name, dtype in kinds:
         best = []
         for m, k, n in shapes:
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a = torch.randn(m, k, dtype=dtype, device=device)
+            b = torch.randn(k, n, dtype=dtype, device=device)
             for _ in range(3):
                 a @ b
+            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+            sync()
             reps, started = 0, time.perf_counter()
             while time.perf_counter() - started < 0.5:
                 a @ b
                 reps += 1
+            sync()
             best.append(2 * m * k * n * reps / (time.perf_counter() - started) / 1e9)
         out[name] = round(sum(best) / len(best), 1)
     return out
@@ -225,12 +241,13 @@ def child_afinar(args) -> dict:
             gradient_accumulation_steps=1, warmup_ratio=WARMUP_RATIO, lr_scheduler="cosine",
             weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, max_seq_length=MAX_LENGTH,
             seed=SEED, eval_steps=args.steps + 1, save_steps=args.steps + 1,
-            early_stopping_patience=None, precision=args.precision, device="cpu",
+            early_stopping_patience=None, precision=args.precision, device=args.device,
             compile={"on": True, "off": False, "auto": "auto"}[args.compile])
         wall0 = time.perf_counter()
         result = loop.train(config, on_event=on_event)
         wall = time.perf_counter() - wall0
         peak = _maxrss_mb()
+        marks["device_peak_mb"] = _device_peak_mb(args.device)
         summary = result.summary
         records = [json.loads(line) for line in
                    (result.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -276,7 +293,8 @@ def child_trl(args) -> dict:
     tokenizer.chat_template = SMOLLM2_TRAINING_TEMPLATE
 
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
-    bf16 = _resolved_precision(args.precision) == "bf16"  # autocast over fp32, as afinar
+    precision = _resolved_precision(args.precision, args.device)  # autocast over fp32, as afinar
+    bf16, fp16 = precision == "bf16", precision == "fp16"
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], bias="none",
                              task_type="CAUSAL_LM")
@@ -301,7 +319,7 @@ def child_trl(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         sft_args = SFTConfig(
-            output_dir=tmp, use_cpu=True, bf16=bf16, fp16=False,
+            output_dir=tmp, use_cpu=args.device == "cpu", bf16=bf16, fp16=fp16,
             max_length=MAX_LENGTH, per_device_train_batch_size=BATCH_SIZE,
             gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LEARNING_RATE,
             lr_scheduler_type="cosine", warmup_steps=_warmup_steps(args.steps),
@@ -333,6 +351,7 @@ def child_trl(args) -> dict:
         trainer.train()
         wall = time.perf_counter() - wall0
         peak = _maxrss_mb()
+        marks["device_peak_mb"] = _device_peak_mb(args.device)
         steps = trainer.state.global_step
         prepared = trainer.train_dataset
 
@@ -396,7 +415,7 @@ def _run_child(side: str, args, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side,
            "--child-out", str(out), "--steps", str(args.steps), "--threads", str(threads),
            "--model", str(args.model), "--data", str(args.data), "--precision", args.precision,
-           "--compile", args.compile]
+           "--compile", args.compile, "--device", args.device]
     load_before = _loadavg()
     print(f"[{side}] running {args.steps} steps ({threads} threads)...", flush=True)
     started = time.perf_counter()
@@ -427,6 +446,7 @@ def _table(a: dict, b: dict, ratios: dict) -> str:
         ("share of matmul peak", "share_of_matmul_peak", "{:.1%}"),
         ("first step (s)", "first_step_seconds", "{:.1f}"),
         ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+        ("peak GPU memory (MB)", "device_peak_mb", "{:.0f}"),
         ("RSS at step 1 (MB)", "rss_at_start_mb", "{:.0f}"),
         ("final train loss", "final_train_loss", "{:.4f}"),
         ("mean train loss", "mean_train_loss", "{:.4f}"),
@@ -454,11 +474,13 @@ def main(argv=None) -> int:
                         help="torch/OMP threads for both sides (default: torch's default)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="both sides; auto: bf16 on a CPU with native bf16, else fp32")
     parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
                         help="afinar's `compile` setting (default on: steady-state speed; the "
                         "compile itself is in first_step_seconds)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: both sides; on "
+                        "a GPU the peak GPU memory is reported as device_peak_mb")
     parser.add_argument("--child", choices=["afinar", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -486,8 +508,8 @@ def main(argv=None) -> int:
         except md.PackageNotFoundError:
             versions[name] = None
 
-    precision = _resolved_precision(args.precision)
-    peak = matmul_peak(args.model, threads)
+    precision = _resolved_precision(args.precision, args.device)
+    peak = matmul_peak(args.model, threads, args.device)
     flops_per_token = 4 * frozen_linear_params(args.model)
     print(f"matmul peak on the model's shapes, {threads} threads: fp32 {peak['fp32']} GFLOP/s, "
           f"bf16 {peak['bf16']} GFLOP/s; training in {precision}", flush=True)
@@ -530,7 +552,7 @@ def main(argv=None) -> int:
         "settings": {"lora": LORA, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                      "lr_scheduler": "cosine", "warmup_steps": _warmup_steps(args.steps),
                      "max_length": MAX_LENGTH, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,
-                     "precision": precision, "compile": args.compile, "device": "cpu",
+                     "precision": precision, "compile": args.compile, "device": args.device,
                      "loss": "assistant tokens only"},
         "matmul_peak_gflop_per_s": peak, "flops_per_token_counted": flops_per_token,
         "model": str(args.model), "data": str(args.data),
