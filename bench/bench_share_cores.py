@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def child_train(steps: int) -> dict:
     from afinar.config import TrainConfig
     from afinar.train.loop import train
-
-    import tempfile
 
     records: list[dict] = []
 
@@ -111,8 +110,6 @@ def main() -> None:
                   else child_generate(args.seconds, Path(args.stop_file)))
         Path(args.child_out).write_text(json.dumps(result))
         return
-
-    import tempfile
 
     report: dict = {"cpu_count": os.cpu_count(), "generator_seconds_alone": args.seconds,
                     "training_steps": args.steps, "policies": {}}

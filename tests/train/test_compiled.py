@@ -32,14 +32,18 @@ def _loss_and_grads(loss_model, batch):
     return loss.item(), grads
 
 
-@needs_compiler
-def test_compiled_layers_match_eager_loss_and_lora_gradients(tiny_tokenizer):
-    torch.manual_seed(0)
-    model = adapters.attach(build_tiny_model(tiny_tokenizer), "lora",
-                            LoraSettings(r=8, alpha=16, dropout=0.0))
+def _lora_model(model, seed=0):
+    torch.manual_seed(seed)
+    model = adapters.attach(model, "lora", LoraSettings(r=8, alpha=16, dropout=0.0))
     for name, param in model.named_parameters():  # B starts at zero: make every path count
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+@needs_compiler
+def test_compiled_layers_match_eager_loss_and_lora_gradients(tiny_tokenizer):
+    model = _lora_model(build_tiny_model(tiny_tokenizer))
     eager = SupervisedLoss(model)
     compiled_model = copy.deepcopy(model)
     assert compile_layers(compiled_model) == 2
@@ -57,15 +61,6 @@ def test_compiled_layers_match_eager_loss_and_lora_gradients(tiny_tokenizer):
                 got[name].flatten(), want[name].flatten(), dim=0)
             assert cosine > 0.9999, (name, cosine.item())
             torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
-
-
-def _lora_model(model, seed=0):
-    torch.manual_seed(seed)
-    model = adapters.attach(model, "lora", LoraSettings(r=8, alpha=16, dropout=0.0))
-    for name, param in model.named_parameters():  # B starts at zero: make every path count
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    return model
 
 
 @needs_compiler

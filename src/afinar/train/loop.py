@@ -279,8 +279,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     compiled, why = should_compile(config.compile, device=device, world=world_size,
                                    quantization=config.quantization, checkpointing=checkpointing,
                                    planned_train_seconds=plan.time["train_seconds"],
-                                   sharded=sharding.deepspeed_requested()
-                                   or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+                                   sharded=sharding.sharded_launch())
     if config.compile is not False:
         say(why)
 

@@ -35,6 +35,12 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         correct = torch.zeros((), dtype=torch.long, device=rows.device)
+        # The gradient matmuls run in the dtype the head's forward ran in (autocast's under
+        # autocast); the weight is cast once, not once per chunk.
+        device_type = rows.device.type
+        matmul_dtype = (torch.get_autocast_dtype(device_type)
+                        if torch.is_autocast_enabled(device_type) else rows.dtype)
+        matmul_weight = weight.to(matmul_dtype) if need[0] else None
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             part = rows[start:start + CHUNK_ROWS]
             target = targets[start:start + CHUNK_ROWS]
@@ -58,12 +64,11 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 grad *= scale[:, None]
             if squash is not None:
                 grad *= 1 - squash * squash
-            grad_in = grad.to(part.dtype if not torch.is_autocast_enabled(part.device.type)
-                              else torch.get_autocast_dtype(part.device.type))
+            grad_in = grad.to(matmul_dtype)
             if need[0]:
-                grad_rows[start:start + CHUNK_ROWS] = grad_in @ weight.to(grad_in.dtype)
+                grad_rows[start:start + CHUNK_ROWS] = grad_in @ matmul_weight
             if need[1]:
-                grad_weight += (grad_in.t() @ part.to(grad_in.dtype)).float()
+                grad_weight += (grad_in.t() @ part.to(matmul_dtype)).float()
             if need[2]:
                 grad_bias += grad.sum(0)
         ctx.grads = (grad_rows, grad_weight, grad_bias)

@@ -44,6 +44,11 @@ def deepspeed_requested() -> bool:
     return _flag("ACCELERATE_USE_DEEPSPEED")
 
 
+def sharded_launch() -> bool:
+    """An accelerate launch that asks for FSDP or DeepSpeed (known before the Accelerator)."""
+    return deepspeed_requested() or _flag("ACCELERATE_USE_FSDP")
+
+
 def engine(accelerator) -> str | None:
     """"fsdp", "deepspeed", or None for one process and DDP (whole model on every process)."""
     from accelerate.utils import DistributedType
