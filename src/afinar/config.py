@@ -33,6 +33,35 @@ class LoraSettings(_Strict):
     dora: bool = Field(False, description="Use DoRA (weight-decomposed LoRA).")
 
 
+class DpoSettings(_Strict):
+    beta: float = Field(0.1, gt=0, description="How far the tuned model may move from the "
+                        "reference: smaller lets it move further. The reward of an answer is "
+                        "beta x (its log-probability change from the reference).")
+    loss: Literal["sigmoid", "ipo", "robust"] = Field(
+        "sigmoid", description="sigmoid: the DPO paper's loss (with label_smoothing, conservative "
+        "DPO); ipo: squared loss on per-token log-ratios, which does not push margins to "
+        "infinity; robust: unbiased under the share of flipped labels set by label_smoothing.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of pairs "
+                                   "whose preference is wrong (sigmoid and robust losses).")
+    sft_weight: float = Field(0.0, ge=0, description="Adds this times the SFT loss (mean NLL of "
+                              "the chosen answers' tokens): keeps the chosen answers likely "
+                              "while their margin grows (RPO). 0 = off.")
+
+
+class OrpoSettings(_Strict):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+    lambda_: float = Field(0.1, alias="lambda", gt=0, description="Weight of the odds-ratio "
+                           "term next to the SFT loss on the chosen answers (ORPO's lambda).")
+
+
+# Learning-rate auto for preference objectives, as a share of the SFT value for the same model:
+# DPO starts from a model that already answers and only reweighs answers (its recipes use about a
+# tenth of SFT's rate); ORPO also learns the chosen answers (its recipes use about half).
+OBJECTIVE_LR_SHARE = {"sft": 1.0, "dpo": 0.1, "orpo": 0.5}
+
+
 class TrainConfig(_Strict):
     """Everything `afinar train` needs; only `data` has no default."""
 
@@ -46,14 +75,22 @@ class TrainConfig(_Strict):
     method: Literal["lora", "full"] = Field("lora", description="LoRA (or DoRA) adapters, or "
                                             "full fine-tuning of every weight.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="What training optimises (`afinar train --method`): sft learns the "
+        "answers; dpo learns from preference pairs to prefer the chosen answer over the "
+        "rejected one, against a reference model (the starting model: with LoRA, the same "
+        "weights with the adapter off); orpo does the same without a reference model, adding "
+        "an odds-ratio term to SFT on the chosen answers.")
+    dpo: DpoSettings = Field(default_factory=DpoSettings)
+    orpo: OrpoSettings = Field(default_factory=OrpoSettings)
     epochs: Union[int, Literal["auto"]] = Field(
         "auto", description="Passes over the data. auto: at least 200 example-passes (2 to 25 "
         "epochs); for large sets at most 25,000 example-passes and 20M tokens.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: Union[float, Literal["auto"]] = Field(
         "auto", description="Peak learning rate. auto: from the model's size (LoRA: 2e-4 at "
-        "7B, rising as models get smaller, 1e-3 near 135M; full: a tenth of that), or the "
-        "winner of the search when `tune` is on.")
+        "7B, rising as models get smaller, 1e-3 near 135M; full: a tenth of that; DPO a tenth "
+        "and ORPO half of the SFT value), or the winner of the search when `tune` is on.")
     learning_rate_multiplier: float = Field(1.0, gt=0, description="Scales the auto learning "
                                             "rate (OpenAI's hyperparameter of that name).")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
@@ -131,15 +168,24 @@ class TrainConfig(_Strict):
                              "quantised base weights cannot be trained; use method lora")
         if self.max_memory is not None:
             parse_memory(self.max_memory)
+        if self.objective != "sft" and self.preserve is True:
+            raise ValueError(f"preserve is for SFT; {self.objective} keeps the model near its "
+                             "start by itself (DPO: the reference; ORPO: the SFT term)")
+        if self.objective != "sft" and self.tune:
+            raise ValueError(f"tune searches SFT runs; for {self.objective}, set learning_rate "
+                             "and epochs (or leave them auto)")
         return self
 
     def resolved_learning_rate(self, n_params: int | None = None) -> float:
         """`n_params`: the base model's parameter count (None: the 7B-recipe value)."""
         if self.learning_rate != "auto":
             return float(self.learning_rate)
-        return auto_learning_rate(self.method, n_params) * self.learning_rate_multiplier
+        lr = auto_learning_rate(self.method, n_params) * OBJECTIVE_LR_SHARE[self.objective]
+        return float(f"{lr:.2g}") * self.learning_rate_multiplier
 
     def preserve_on(self) -> bool:
+        if self.objective != "sft":
+            return False
         return self.method == "lora" if self.preserve == "auto" else bool(self.preserve)
 
 

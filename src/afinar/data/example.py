@@ -1,4 +1,10 @@
-"""The one internal example type every input format is converted into."""
+"""The one internal example type every input format is converted into.
+
+A preference pair (chosen vs rejected answer) is an Example too: `messages` is the prompt and the
+chosen answer, `rejected` the other answer to the same prompt. Everything that reads prompts and
+reference answers (splits, held-out answers, checks) therefore works on pairs unchanged, and SFT
+on a preference file trains on its chosen answers.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,16 @@ class Example:
     path: str = ""
     line: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    rejected: str | None = None  # a preference pair's non-preferred final answer
+
+    @property
+    def is_preference(self) -> bool:
+        return self.rejected is not None
+
+    def rejected_example(self) -> "Example":
+        """The same prompt answered with the rejected answer (a plain Example)."""
+        return Example(self.prompt_messages() + (Message("assistant", self.rejected, True),),
+                       path=self.path, line=self.line)
 
     @property
     def is_chat(self) -> bool:

@@ -20,9 +20,10 @@ class Format:
     description: str
     detect: Callable[[dict], bool]
     parse: Callable[[dict, IssueSink], Example | None]
+    family: str = "sft"  # "preference": pairs of answers for DPO/ORPO
 
 
-def _text(value, field: str, sink: IssueSink, *, allow_empty: bool = False) -> str | None:
+def text_field(value, field: str, sink: IssueSink, *, allow_empty: bool = False) -> str | None:
     """A string field, or OpenAI's list of text parts joined; reports wrong types and emptiness."""
     if isinstance(value, list):
         parts = []
@@ -64,7 +65,7 @@ def _parse_weight(msg: dict, role: str, field: str, sink: IssueSink) -> bool:
     return weight == 1
 
 
-def _parse_messages(messages, field: str, sink: IssueSink) -> list[Message] | None:
+def parse_messages(messages, field: str, sink: IssueSink) -> list[Message] | None:
     if not isinstance(messages, list) or not messages:
         sink.error(field, "must be a non-empty list of messages",
                    'e.g. [{"role": "user", "content": "..."}, {"role": "assistant", ...}]')
@@ -85,7 +86,7 @@ def _parse_messages(messages, field: str, sink: IssueSink) -> list[Message] | No
             sink.error(where, "tool calls are not supported yet",
                        "remove tool-calling examples from this file")
             continue
-        content = _text(msg.get("content"), f"{where}.content", sink)
+        content = text_field(msg.get("content"), f"{where}.content", sink)
         train = _parse_weight(msg, role, where, sink)
         if content is not None:
             parsed.append(Message(role, content, train))
@@ -107,7 +108,7 @@ def require_trainable(example: Example, field: str, sink: IssueSink) -> None:
 def _parse_chat(record: dict, sink: IssueSink) -> Example | None:
     if record.get("tools") or record.get("functions"):
         sink.error("tools", "tool definitions are not supported yet", "remove tool-calling examples")
-    messages = _parse_messages(record.get("messages"), "messages", sink)
+    messages = parse_messages(record.get("messages"), "messages", sink)
     if sink.failed:
         return None
     extra = {k: v for k, v in record.items() if k != "messages"}
@@ -117,8 +118,8 @@ def _parse_chat(record: dict, sink: IssueSink) -> Example | None:
 # --- prompt/completion ------------------------------------------------------------------------
 
 def _parse_prompt_completion(record: dict, sink: IssueSink) -> Example | None:
-    prompt = _text(record.get("prompt"), "prompt", sink)
-    completion = _text(record.get("completion"), "completion", sink)
+    prompt = text_field(record.get("prompt"), "prompt", sink)
+    completion = text_field(record.get("completion"), "completion", sink)
     if sink.failed:
         return None
     # Trained as a one-turn chat so the prompt format matches what chat/generate send later.
@@ -129,13 +130,13 @@ def _parse_prompt_completion(record: dict, sink: IssueSink) -> Example | None:
 # --- Alpaca: instruction / input / output ------------------------------------------------------
 
 def _parse_alpaca(record: dict, sink: IssueSink) -> Example | None:
-    instruction = _text(record.get("instruction"), "instruction", sink)
+    instruction = text_field(record.get("instruction"), "instruction", sink)
     context = record.get("input", "")
-    context = _text(context, "input", sink, allow_empty=True) if context is not None else ""
-    output = _text(record.get("output"), "output", sink)
+    context = text_field(context, "input", sink, allow_empty=True) if context is not None else ""
+    output = text_field(record.get("output"), "output", sink)
     system = record.get("system")
     if system is not None:
-        system = _text(system, "system", sink)
+        system = text_field(system, "system", sink)
     if sink.failed:
         return None
     user = f"{instruction}\n\n{context}" if context and context.strip() else instruction
@@ -167,7 +168,7 @@ def _parse_sharegpt(record: dict, sink: IssueSink) -> Example | None:
             sink.error(f"{where}.from", f"unknown speaker {turn.get('from')!r}",
                        "use human, gpt or system")
             continue
-        value = _text(turn.get("value"), f"{where}.value", sink)
+        value = text_field(turn.get("value"), f"{where}.value", sink)
         if value is not None:
             messages.append(Message(role, value, role == "assistant"))
     return None if sink.failed else Example(tuple(messages))
@@ -176,15 +177,8 @@ def _parse_sharegpt(record: dict, sink: IssueSink) -> Example | None:
 # --- raw text -----------------------------------------------------------------------------------
 
 def _parse_text(record: dict, sink: IssueSink) -> Example | None:
-    text = _text(record.get("text"), "text", sink)
+    text = text_field(record.get("text"), "text", sink)
     return None if sink.failed else Example(text=text)
-
-
-def _parse_preference(record: dict, sink: IssueSink) -> Example | None:
-    sink.error("chosen", "preference pairs (chosen/rejected) are for preference tuning, which "
-               "afinar does not do yet", "for supervised fine-tuning, write the chosen answers "
-               "as {\"messages\": [...]} examples")
-    return None
 
 
 FORMATS: dict[str, Format] = {}
@@ -207,8 +201,6 @@ for _fmt in (
            lambda r: "messages" in r, _parse_chat),
     Format("sharegpt", '{"conversations": [{"from", "value"}]}',
            lambda r: "conversations" in r, _parse_sharegpt),
-    Format("preference", '{"prompt", "chosen", "rejected"}',
-           lambda r: "chosen" in r and "rejected" in r, _parse_preference),
     Format("alpaca", '{"instruction", "input"?, "output"}',
            lambda r: "instruction" in r and "output" in r, _parse_alpaca),
     Format("prompt_completion", '{"prompt", "completion"}',
@@ -226,4 +218,12 @@ def detect_format(record: dict) -> str | None:
 
 
 def formats_help() -> str:
-    return "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values() if f.name != "preference")
+    return "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
+
+
+def format_family(name: str | None) -> str:
+    return FORMATS[name].family if name in FORMATS else "sft"
+
+
+# Preference pairs (OpenAI's DPO lines, prompt/chosen/rejected) register themselves here.
+from afinar.data import preference_formats  # noqa: E402,F401

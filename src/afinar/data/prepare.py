@@ -1,6 +1,9 @@
 """From data file(s) to token ids ready for training, plus the report a user reads first.
 
     prepared = prepare_data(config, encoder)     # raises DataError when the data is unusable
+
+SFT trains on `Tokenized` examples; DPO and ORPO (`config.objective`) on `PairTokenized` pairs.
+SFT on a preference file trains on its chosen answers.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from dataclasses import dataclass, field
 
 from afinar.data.cache import cached_encode
 from afinar.data.example import Example
+from afinar.data.formats import format_family
+from afinar.data.pairs import (PairTokenized, encode_pairs, fit_pair, length_bias_warning,
+                               pair_stats, reindexed)
 from afinar.data.split import split_examples, split_method
 from afinar.data.stats import (duplicates_and_contradictions, format_concentration,
                                token_stats)
@@ -21,8 +27,8 @@ from afinar.errors import DataError
 class PreparedData:
     train_examples: list[Example]
     held_examples: list[Example]
-    train: list[Tokenized]
-    held: list[Tokenized]
+    train: list  # Tokenized, or PairTokenized for a preference objective
+    held: list
     report: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -37,24 +43,47 @@ def encode_all(examples: list[Example], encoder: ChatEncoder) -> list[Tokenized]
     return [encoder.encode(ex, i) for i, ex in enumerate(examples)]
 
 
-def _reindex(item: Tokenized, index: int) -> Tokenized:
+def encode_for(examples: list[Example], encoder: ChatEncoder, pairs: bool) -> list:
+    return encode_pairs(examples, encoder) if pairs else encode_all(examples, encoder)
+
+
+def _reindex(item, index: int):
+    if isinstance(item, PairTokenized):
+        return reindexed(item, index)
     return Tokenized(item.input_ids, item.labels, index, item.truncated, item.weight,
                      item.full_weight_tokens)
 
 
-def _fit_all(items: list[Tokenized], max_len: int, overflow: str) -> list[Tokenized]:
-    return [t for t in (fit_length(i, max_len, overflow) for i in items) if t is not None]
+def _fit_all(items: list, max_len: int, overflow: str) -> list:
+    fit = fit_pair if items and isinstance(items[0], PairTokenized) else fit_length
+    return [t for t in (fit(i, max_len, overflow) for i in items) if t is not None]
 
 
-def describe_data(report: ValidationReport, encoded: list[Tokenized], max_len: int,
+def describe_data(report: ValidationReport, encoded: list, max_len: int,
                   overflow: str) -> dict:
-    """Validation report + token statistics + duplicates/contradictions, as one dict."""
+    """Validation report + token statistics + duplicates/contradictions, as one dict. With
+    pairs, the token statistics count both sides, and `preference` compares them."""
+    pairs = [p for p in encoded if isinstance(p, PairTokenized)]
+    sequences = [side for p in pairs for side in p.sides()] if pairs else encoded
     out = report.to_dict()
-    out["stats"] = {**token_stats(encoded, max_len, overflow),
+    out["stats"] = {**token_stats(sequences, max_len, overflow),
                     **duplicates_and_contradictions(report.examples),
                     "format": format_concentration(report.examples)}
+    if pairs:
+        out["stats"]["preference"] = pair_stats(pairs, max_len, overflow)
+        out["stats"]["preference"]["length_warning"] = length_bias_warning(
+            out["stats"]["preference"])
     report.stats = out["stats"]
     return out
+
+
+def _check_family(report: ValidationReport, objective: str) -> None:
+    if objective != "sft" and format_family(report.format) != "preference":
+        raise DataError(f"{report.path}: {objective.upper()} trains on preference pairs, and "
+                        f"this file is in {report.format} format", report,
+                        'write pairs: {"prompt", "chosen", "rejected"} or OpenAI\'s {"input", '
+                        '"preferred_output", "non_preferred_output"}; `afinar validate` checks '
+                        "them")
 
 
 def split_for(config, report: ValidationReport) -> tuple[list[Example], list[Example], str]:
@@ -64,6 +93,7 @@ def split_for(config, report: ValidationReport) -> tuple[list[Example], list[Exa
         held_report = load_examples(config.validation_data, config.format)
         if held_report.errors:
             raise DataError(f"{held_report.path}: validation data has problems", held_report)
+        _check_family(held_report, getattr(config, "objective", "sft"))
         return report.examples, held_report.examples, f"validation file {config.validation_data}"
     train_ex, held_ex = split_examples(report.examples, config.held_out_fraction, config.seed)
     return train_ex, held_ex, split_method(config.held_out_fraction, config.seed)
@@ -72,16 +102,19 @@ def split_for(config, report: ValidationReport) -> tuple[list[Example], list[Exa
 def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
     report = load_examples(config.data, config.format)
     check_usable(report)
+    _check_family(report, config.objective)
+    pairs = config.objective != "sft"
     warnings = [str(i) for i in report.warnings]
     train_ex, held_ex, how = split_for(config, report)
 
     # Encode each file once (cached across runs), then split by position: the split is cheap.
-    encoded, hit = cached_encode(config.data, config.format, encoder,
-                                 lambda: encode_all(report.examples, encoder))
+    kind = f"{config.format}:pairs" if pairs else config.format
+    encoded, hit = cached_encode(config.data, kind, encoder,
+                                 lambda: encode_for(report.examples, encoder, pairs))
     by_line = {ex.line: item for ex, item in zip(report.examples, encoded)}
     if config.validation_data:
-        held_encoded, _ = cached_encode(config.validation_data, config.format, encoder,
-                                        lambda: encode_all(held_ex, encoder))
+        held_encoded, _ = cached_encode(config.validation_data, kind, encoder,
+                                        lambda: encode_for(held_ex, encoder, pairs))
     else:
         held_encoded = [by_line[ex.line] for ex in held_ex]
     train_full = [_reindex(by_line[ex.line], i) for i, ex in enumerate(train_ex)]
@@ -95,8 +128,15 @@ def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
     dropped = len(train_full) - len(train)
     truncated = sum(1 for t in train if t.truncated)
     if dropped or truncated:
-        warnings.append(f"{truncated} training example(s) truncated and {dropped} dropped at "
+        what = ("pair(s) had their prompt shortened from the start (answers are never cut)"
+                if pairs else "training example(s) truncated")
+        warnings.append(f"{truncated} {what} and {dropped} dropped at "
                         f"max_seq_length={config.max_seq_length}")
+    if pairs and (bias := summary["stats"]["preference"].get("length_warning")):
+        warnings.append(bias)
+    if not pairs and format_family(report.format) == "preference":
+        warnings.append(f"{report.path} holds preference pairs: supervised fine-tuning trains "
+                        "on the chosen answers (use --method dpo or orpo to learn from both)")
     if not train:
         raise DataError("no training example is left after applying max_seq_length", report,
                         "raise max_seq_length or use overflow=truncate")
@@ -105,9 +145,9 @@ def prepare_data(config, encoder: ChatEncoder) -> PreparedData:
         warnings.append("this model's chat template has no system role: system messages are "
                         "joined to the first user message (as Gemma's own templates do), in "
                         "training and at inference alike")
-    if (shape := summary["stats"]["format"]).get("one_format"):
+    if not pairs and (shape := summary["stats"]["format"]).get("one_format"):
         warnings.append(one_format_warning(shape, config.preserve_on()))
-    if summary["stats"].get("contradiction_groups"):
+    if summary["stats"].get("contradiction_groups") and not pairs:
         warnings.append(f"{len(summary['stats']['contradiction_groups'])} prompt(s) have "
                         "different answers in the data (lines "
                         f"{summary['stats']['contradiction_groups'][:3]}...)")

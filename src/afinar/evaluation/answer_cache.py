@@ -44,6 +44,7 @@ def model_fingerprint(loaded, settings) -> str:
         resolved.quantization, resolved.precision, importlib.metadata.version("bitsandbytes")]
     digest.update(json.dumps([
         _files_signature(resolved.weights), _files_signature(resolved.adapter),
+        *[_files_signature(folder) for folder in resolved.merged_adapters],
         tokenizer_fingerprint(loaded.encoder), sorted(loaded.stop_ids), settings.kwargs(),
         str(loaded.device), torch.__version__, transformers.__version__, *quantized]).encode())
     return digest.hexdigest()[:32]

@@ -108,10 +108,20 @@ def load_inference_base(resolved: ResolvedModel):
     for anything else). A QLoRA run's base is quantised as training quantised it, then
     de-quantised: its adapter learned to correct those weights, not the original ones."""
     if resolved.quantization == "none":
-        return load_causal_lm(resolved, torch.device("cpu"))
+        return merge_adapters(load_causal_lm(resolved, torch.device("cpu")),
+                              resolved.merged_adapters)
     from afinar.models.quantize import load_dequantized
 
     return load_dequantized(resolved, resolved.quantization, resolved.precision)
+
+
+def merge_adapters(model, folders):
+    """`model` with each LoRA adapter folder merged into its weights, in order."""
+    from afinar.models.adapters import load_adapter
+
+    for folder in folders:
+        model = load_adapter(model, folder, merge=True)
+    return model
 
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,6 +163,20 @@ def load_training_model(resolved: ResolvedModel, frozen_dtype=None, quantization
       rounds each weight the same way at every matmul;
     - otherwise fp32.
     """
+    if resolved.adapters_to_merge:
+        # Starting from a LoRA run (SFT, then DPO): its adapters are merged into the base
+        # weights in memory; this run's adapter trains on top of that model.
+        if quantization != "none" or resolved.quantization != "none":
+            raise AfinarError("starting a run from a LoRA run's model needs unquantised weights",
+                              "use quantization none, or start from the base model")
+        model = merge_adapters(load_causal_lm(resolved, torch.device("cpu")),
+                               resolved.adapters_to_merge)
+        if frozen_dtype is not None:
+            from afinar.models.shape import linear_weights
+
+            for module in linear_weights(model):
+                module.weight.data = module.weight.data.to(frozen_dtype)
+        return model
     if quantization != "none":
         from afinar.models.quantize import load_quantized
 

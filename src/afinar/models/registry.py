@@ -39,6 +39,14 @@ class ResolvedModel:
     # from weights in `precision` (the run's compute precision: it changes the quantised values).
     quantization: str = "none"
     precision: str = "fp32"
+    # Adapters merged into the base weights, in order, before `adapter`: a run that started from
+    # another run's model (SFT, then DPO) stacks on that run's merged weights.
+    merged_adapters: tuple[Path, ...] = ()
+
+    @property
+    def adapters_to_merge(self) -> tuple[Path, ...]:
+        """Every adapter that makes this model: the earlier runs' and its own."""
+        return self.merged_adapters + ((self.adapter,) if self.adapter else ())
 
     @property
     def weights(self) -> str:
@@ -98,8 +106,12 @@ def _resolve_run(path: Path, notify: Callable) -> ResolvedModel:
     tokenizer = path / rundir.TOKENIZER_DIR
     # run.json has the precision training resolved ("auto" in the config says nothing).
     precision = rundir.read_run_info(path).get("precision") or config.get("precision")
+    if base.adapters_to_merge and base.quantization != "none":
+        raise AfinarError(f"{path}: this run started from a QLoRA run ({base_spec}); stacking on "
+                          "a quantised run is not supported", "start from its base model")
     return ResolvedModel(
         spec=str(path), base=base.weights, base_spec=base_spec, run_dir=path,
+        merged_adapters=base.adapters_to_merge,
         adapter=adapter if adapter.is_dir() else None,
         full_weights=full if full.is_dir() and not adapter.is_dir() else None,
         tokenizer=str(tokenizer) if tokenizer.is_dir() else None,

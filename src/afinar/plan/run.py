@@ -27,10 +27,23 @@ def _budget(config: TrainConfig, target: Target, runtime: int) -> int:
     return target.memory_bytes + (runtime if target.kind == "cpu" else 0)
 
 
+def as_sequences(items: list) -> list:
+    """Preference pairs as the sequences a batch holds (both sides); other items unchanged."""
+    from afinar.data.pairs import PairTokenized
+
+    if items and isinstance(items[0], PairTokenized):
+        return [side for pair in items for side in pair.sides()]
+    return items
+
+
 def plan_for_config(config: TrainConfig, train, held, epochs: int, device, precision: str,
                     model_config=None, target: Target | None = None,
                     weights_folder: str | None = None) -> Plan:
     from afinar.models.shape import read_model_config
+
+    if train is not as_sequences(train):  # a batch of N pairs is 2N sequences
+        train, held = as_sequences(train), as_sequences(held)
+        config = config.model_copy(update={"batch_size": config.batch_size * 2})
 
     model_config = model_config or read_model_config(config.model)
     if target is None:
@@ -65,7 +78,7 @@ def plan_command(config: TrainConfig, device_name: str | None = None,
     tokenizer = load_tokenizer(source)
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(source))
     data = prepare_data(config, ChatEncoder(tokenizer, stops))
-    epochs = (auto_epochs(len(data.train), sum(len(t.input_ids) for t in data.train))
+    epochs = (auto_epochs(len(data.train), sum(len(t.input_ids) for t in as_sequences(data.train)))
               if config.epochs == "auto" else config.epochs)
     if config.max_steps:
         epochs = min(epochs, _epochs_for_steps(config, len(data.train)))

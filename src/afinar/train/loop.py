@@ -1,4 +1,7 @@
-"""The supervised fine-tuning loop, top to bottom: setup → steps → evaluation → checkpoints.
+"""The training loop, top to bottom: setup → steps → evaluation → checkpoints.
+
+What a step optimises (SFT, DPO, ORPO) is the small objective piece in train/objectives.py; the
+loop is the same for all of them.
 
     from afinar import TrainConfig, train
     result = train(TrainConfig(data="examples/soporte-triaje/data.jsonl"))
@@ -28,11 +31,10 @@ import torch
 
 from afinar import rundir
 from afinar.config import TrainConfig, auto_epochs, dump_config
-from afinar.data.batching import collate, plan_batches, target_weight
+from afinar.data.batching import plan_batches
 from afinar.data.prepare import PreparedData, prepare_data
-from afinar.data.tokenize import IGNORE, ChatEncoder
+from afinar.data.tokenize import ChatEncoder
 from afinar.errors import AfinarError
-from afinar.evaluation.loss import evaluate_loss
 from afinar.models import adapters
 from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
                                 frozen_linear_dtype, load_tokenizer, load_training_model,
@@ -41,13 +43,14 @@ from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
 from afinar.models.registry import BASE_MODELS, resolve_model
 from afinar.models.shape import read_model_config
 from afinar.paths import sha256_file
-from afinar.plan.run import does_not_fit_error, plan_for_config
+from afinar.plan.run import as_sequences, does_not_fit_error, plan_for_config
 from afinar.train import sharding
 from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
 from afinar.train.compiled import compile_layers, should_compile
 from afinar.train.host_memory import return_freed_memory
-from afinar.train.losses import SupervisedLoss
+from afinar.train.objectives import make_objective
+from afinar.train.reference import attach_reference
 from afinar.train.replay import build_replay
 from afinar.train.replay import describe as describe_replay
 
@@ -255,7 +258,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     stops = stop_token_ids(tokenizer, generation_config=read_generation_config(resolved.weights))
     encoder = ChatEncoder(tokenizer, stops)
     data: PreparedData = prepare_data(config, encoder)
-    epochs = (auto_epochs(len(data.train), sum(len(t.input_ids) for t in data.train))
+    epochs = (auto_epochs(len(data.train),
+                          sum(len(t.input_ids) for t in as_sequences(data.train)))
               if config.epochs == "auto" else config.epochs)
     model_config = read_model_config(resolved.weights)
     replay = None
@@ -318,7 +322,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         compile_layers(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    loss_model = SupervisedLoss(model)
+    objective = make_objective(config, model)
+    loss_model = objective.module
 
     world, rank = accelerator.num_processes, accelerator.process_index
     # What one epoch trains on: every task example and this epoch's share of the replay set
@@ -350,6 +355,10 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     # DeepSpeed take the optimizer built before wrapping (accelerate remaps its parameters).
     loss_model, optimizer = sharding.prepare(accelerator, loss_model, optimizer, config, say)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
+    if getattr(objective, "needs_reference", False):
+        # Before any checkpoint is restored: the model is still the starting model here.
+        attach_reference(run, data, accelerator, loss_model, model, config, tokenizer.pad_token_id,
+                         say, emit)
 
     state = ckpt.TrainState()
     resumed_from = ckpt.latest_checkpoint(run) if resume else None
@@ -374,7 +383,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     def run_eval() -> dict | None:
         if not has_eval:
             return None
-        result = evaluate_loss(loss_model, data.held, config.batch_size, pad_id, accelerator)
+        result = objective.evaluate(loss_model, data.held, config.batch_size, pad_id, accelerator)
         result["step"] = state.global_step
         metrics.write({"type": "eval", **result})
         improved = state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss - 1e-4
@@ -403,30 +412,29 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     done = state.global_step >= total_steps
     while not done and state.epoch < epochs:
         members = epoch_members(state.epoch)
-        batches = plan_batches([len(pool[i].input_ids) for i in members], config.batch_size,
+        batches = plan_batches([objective.length(pool[i]) for i in members], config.batch_size,
                                config.seed, state.epoch)
         batches = [[members[i] for i in b] for b in batches[: micro_per_epoch * world][rank::world]]
         for step_idx in range(state.step_in_epoch, steps_per_epoch):
             ga = config.gradient_accumulation_steps
-            group = [collate([pool[i] for i in b], pad_id)
+            group = [objective.collate([pool[i] for i in b], pad_id)
                      for b in batches[step_idx * ga:(step_idx + 1) * ga]]
-            # Weighted target tokens (the loss's denominator) and plain ones (for accuracy).
-            local = torch.tensor([[target_weight(g) for g in group],
-                                  [int((g["labels"][:, 1:] != IGNORE).sum()) for g in group]],
-                                 dtype=torch.float64, device=accelerator.device).sum(1)
+            # The loss's denominators over the whole accumulated batch on all processes (SFT:
+            # weighted target tokens, and plain ones for accuracy; DPO: pairs).
+            local = torch.tensor([objective.denominators(g) for g in group],
+                                 dtype=torch.float64, device=accelerator.device).sum(0)
             local = accelerator.reduce(local, "sum") if world > 1 else local
             n_target, n_plain = local[0].item(), local[1].item()
             step_started = time.perf_counter()
-            sums = torch.zeros(2, dtype=torch.float64)
+            sums = None
             for k, batch in enumerate(group):
                 batch = {key: v.to(accelerator.device) for key, v in batch.items()}
                 sync = sharding.accumulating(accelerator, loss_model, last=k == len(group) - 1)
                 with sync, accelerator.autocast():
-                    loss_sum, _, correct = loss_model(**batch)
-                    # Normalised by the target tokens of the whole accumulated batch on all
-                    # processes (DDP averages gradients, hence the * world).
-                    accelerator.backward(loss_sum * world / max(1, n_target))
-                sums += torch.tensor([loss_sum.item(), correct.item()], dtype=torch.float64)
+                    loss, stats = objective.loss(loss_model, batch, n_target, n_plain)
+                    # DDP averages gradients over processes, hence the * world.
+                    accelerator.backward(loss * world)
+                sums = stats if sums is None else sums + stats
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = None
             if config.max_grad_norm:
@@ -439,14 +447,14 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
             state.step_seconds += time.perf_counter() - step_started
             state.global_step += 1
             state.step_in_epoch = step_idx + 1
-            last_train_loss = (sums[0] / max(1, n_target)).item()
+            step_metrics = objective.record(sums, n_target, n_plain)
+            last_train_loss = step_metrics["train_loss"]
             elapsed = time.perf_counter() - run_start
             state.tokens_seen += step_tokens * world
             done_steps = state.global_step - start_step
             record = {"type": "train", "step": state.global_step,
                       "epoch": round(state.epoch + state.step_in_epoch / steps_per_epoch, 4),
-                      "train_loss": last_train_loss,
-                      "train_token_accuracy": (sums[1] / max(1, n_plain)).item(),
+                      **step_metrics,
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
                       "elapsed_s": round(state.elapsed_s + elapsed, 3)}
@@ -487,6 +495,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
 
     # --- final weights: the best held-out checkpoint, else the last step --------------------
     summary = {"steps": state.global_step, "epochs": epochs, "total_steps": total_steps,
+               "objective": config.objective,
                "learning_rate": lr, "preserve": replay.info["per_epoch"] if replay else 0,
                "final_train_loss": last_train_loss, "best_eval_loss": state.best_eval_loss,
                "best_step": state.best_step, "stopped_early": state.stopped_early,

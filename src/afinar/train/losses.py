@@ -22,9 +22,13 @@ CHUNK_ROWS = 256
 
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
-    """(sum of weighted token losses, number predicted correctly) of `rows` against `targets`;
+    """(weighted loss of each row, number predicted correctly) of `rows` against `targets`;
     the gradients are computed in the forward pass, chunk by chunk, and only scaled in the
-    backward pass (the loss is linear in its incoming gradient)."""
+    backward pass (each row's loss is linear in its incoming gradient).
+
+    The head's weight and bias gradients are kept summed over rows, so they are right only when
+    every row gets the same incoming gradient (a plain sum of the losses, as SFT uses); a caller
+    that weighs rows differently (DPO) uses this only with a frozen head."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, token_weights, softcap):
@@ -33,7 +37,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_rows = torch.zeros_like(rows) if need[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        row_losses = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
         correct = torch.zeros((), dtype=torch.long, device=rows.device)
         # The gradient matmuls run in the dtype the head's forward ran in (autocast's under
         # autocast); the weight is cast once, not once per chunk.
@@ -53,7 +57,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, target[:, None]).squeeze(1)
             scale = None if token_weights is None else token_weights[start:start + CHUNK_ROWS]
             losses = lse - picked
-            total += (losses if scale is None else losses * scale).sum()
+            row_losses[start:start + CHUNK_ROWS] = losses if scale is None else losses * scale
             correct += (logits.argmax(-1) == target).sum()
             if not any(need):
                 continue
@@ -74,14 +78,20 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         ctx.grads = (grad_rows, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(correct)
-        return total, correct
+        return row_losses, correct
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_correct):
+    def backward(ctx, grad_losses, _grad_correct):
         grad_rows, grad_weight, grad_bias = ctx.grads
         ctx.grads = None
-        scaled = [None if g is None else g * grad_total.to(g.dtype)
-                  for g in (grad_rows, grad_weight, grad_bias)]
+        if grad_weight is not None or grad_bias is not None:
+            if grad_losses.numel() and not bool((grad_losses == grad_losses[0]).all()):
+                raise RuntimeError("the fused head's weight gradient needs the same incoming "
+                                   "gradient on every row (a plain sum of the losses)")
+        uniform = grad_losses[0] if grad_losses.numel() else grad_losses.new_zeros(())
+        scaled = [None if grad_rows is None else grad_rows * grad_losses[:, None].to(
+            grad_rows.dtype)] + [None if g is None else g * uniform.to(g.dtype)
+                                 for g in (grad_weight, grad_bias)]
         if scaled[1] is not None:
             scaled[1] = scaled[1].to(ctx.dtypes[0])
         if scaled[2] is not None:
@@ -106,8 +116,9 @@ def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Lin
     token_weights = None
     if weights is not None:
         token_weights = weights[:, 1:].to(torch.float32)[keep]
-    total, correct = _FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
-                                                  token_weights, softcap)
+    row_losses, correct = _FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
+                                                       token_weights, softcap)
+    total = row_losses.sum()
     count = keep.sum() if token_weights is None else token_weights.sum()
     return total, count, correct
 
@@ -129,3 +140,18 @@ class SupervisedLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels, weights=None):
         out = self._backbone[0](input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return supervised_ce(out[0], labels, self._head[0], self.softcap, weights)
+
+
+def token_log_probs(rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear,
+                    softcap: float | None = None) -> torch.Tensor:
+    """log p(target) of each row under the head, in fp32, for losses that weigh rows apart
+    (DPO, ORPO). A frozen head takes the fused path (no logits kept); a trained one (full
+    fine-tuning) plain autograd, whose weight gradient must follow each row's weight."""
+    if not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
+        row_losses, _ = _FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
+                                                     None, softcap)
+        return -row_losses
+    logits = F.linear(rows, head.weight, head.bias).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
