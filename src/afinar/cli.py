@@ -61,14 +61,16 @@ def validate(
     report = load_examples(path, format)
     if tokens and report.examples:
         _quiet_libraries()
-        from afinar.data.prepare import describe_data, encode_all
+        from afinar.data.formats import format_family
+        from afinar.data.prepare import describe_data, encode_for
         from afinar.data.tokenize import ChatEncoder
         from afinar.models.load import load_tokenizer, stop_token_ids
         from afinar.models.registry import resolve_model
 
         resolved = resolve_model(model, notify=_notify)
         tokenizer = load_tokenizer(resolved.tokenizer_source)
-        encoded = encode_all(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)))
+        encoded = encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
+                             pairs=format_family(report.format) == "preference")
         describe_data(report, encoded, max_seq_length, "truncate")
     if report.examples:
         from afinar.data.split import split_report
@@ -97,7 +99,17 @@ def _print_data_report(report) -> None:
     if "split" in s:
         out.print(f"  train / held out: {s['split']['train']} / {s['split']['held_out']} "
                   f"({s['split']['method']}; `afinar train --validation-data` uses a file instead)")
-    if (shape := s.get("format")) and shape.get("one_format"):
+    if pref := s.get("preference"):
+        out.print(f"  answers, chosen vs rejected: {pref['chosen_answer_tokens_mean']:.0f} vs "
+                  f"{pref['rejected_answer_tokens_mean']:.0f} tokens on average; chosen longer in "
+                  f"{pref['chosen_longer_share']:.0%} of pairs, shorter in "
+                  f"{pref['chosen_shorter_share']:.0%}")
+        out.print(f"  pairs over max_seq_length: {pref['pairs_prompt_truncated']} keep their answers "
+                  f"with the prompt cut from its start, {pref['pairs_dropped_by_length']} dropped "
+                  "(answers alone too long)")
+        if pref.get("length_warning"):
+            out.print(f"  [yellow]warning[/]: {pref['length_warning']}")
+    elif (shape := s.get("format")) and shape.get("one_format"):
         from afinar.data.prepare import one_format_warning
 
         out.print(f"  [yellow]warning[/]: {one_format_warning(shape, preserve=True)} "

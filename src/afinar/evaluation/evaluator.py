@@ -29,6 +29,8 @@ from afinar.evaluation.answer_cache import AnswerCache
 from afinar.evaluation.checks import CheckSet, load_checks, run_check
 from afinar.evaluation.loss import evaluate_loss
 from afinar.evaluation.metrics import REFERENCE_METRICS, score_answer
+from afinar.evaluation.preference import (pair_log_probs, preference_metrics,
+                                          preference_section)
 from afinar.paths import sha256_file
 
 Event = Callable[[dict], None]
@@ -204,6 +206,10 @@ def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, s
         emit({"type": "eval_phase", "message": f"{role}: held-out loss on {len(items)} examples"})
         loss = evaluate_loss(SupervisedLoss(loaded.model), items, batch_size,
                              loaded.tokenizer.pad_token_id, device=loaded.device)
+    pairs = None
+    if any(ex.is_preference for ex in examples):
+        emit({"type": "eval_phase", "message": f"{role}: log-probs of the held-out pairs"})
+        pairs = pair_log_probs(loaded, examples, max_len, batch_size)
     counts: dict[str, int] = {}
     answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers",
                         use_cache, counts)
@@ -219,7 +225,7 @@ def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, s
             cross_answers[name] = _generate(
                 loaded, [messages for _, messages in items], probe_settings, batch_size, emit,
                 f"{role}: {name.replace('_', ' ')}", use_cache, counts)
-    return {"loss": loss, "answers": answers, "probe_answers": probe_answers,
+    return {"loss": loss, "pairs": pairs, "answers": answers, "probe_answers": probe_answers,
             "cross_answers": cross_answers,
             "spec": loaded.name, "answers_from_cache": counts.get("cached", 0),
             "answers_generated": counts.get("generated", 0)}
@@ -324,6 +330,15 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         metrics.append({"name": name, "model": value, "baseline": base_value, "delta": delta,
                         "n": n, "better": "lower" if name in LOWER_IS_BETTER else "higher"})
 
+    preference = {}
+    if results["model"].get("pairs") is not None:
+        config = target.config
+        beta = config.dpo.beta if config is not None and config.objective == "dpo" else 0.1
+        preference = preference_section(
+            results["model"]["pairs"], results["baseline"]["pairs"] if has_base else None, beta,
+            results["model"]["answers"], results["baseline"]["answers"] if has_base else None)
+        metrics += preference_metrics(preference)
+
     warnings: list[str] = list(target.warnings)
     regression = None
     if probes:
@@ -383,6 +398,7 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         "changes": changes,
         "examples": rows,
         "regressions": regression,
+        "preference": preference or None,
         "training": training,
         "tuning": _read_json(target.run_dir / "tune" / "trials.json") if target.run_dir else None,
         "warnings": warnings,

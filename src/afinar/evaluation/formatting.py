@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-PERCENT = ("exact_match", "normalized_match", "eval_token_accuracy")
+PERCENT = ("exact_match", "normalized_match", "eval_token_accuracy", "preference_accuracy",
+           "reward_accuracy")
 
 
 def is_percent(name: str) -> bool:
@@ -41,7 +42,11 @@ def is_better(metric: dict) -> bool | None:
 def label(name: str) -> str:
     names = {"eval_loss": "held-out loss", "eval_perplexity": "perplexity",
              "eval_token_accuracy": "token accuracy", "exact_match": "exact match",
-             "normalized_match": "normalised match", "rouge_l": "ROUGE-L"}
+             "normalized_match": "normalised match", "rouge_l": "ROUGE-L",
+             "preference_accuracy": "preference accuracy (pairs)",
+             "preference_margin": "preference margin (log-prob/token)",
+             "reward_accuracy": "reward accuracy vs base (DPO)",
+             "reward_margin": "reward margin vs base (DPO)"}
     if name.startswith("check:"):
         return f"check: {name[6:]}"
     return names.get(name, name)

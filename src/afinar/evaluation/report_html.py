@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
+from afinar.evaluation.preference import preference_markdown
 from afinar.evaluation.report_md import tuning_intro, tuning_table
 
 _CSS = """
@@ -287,6 +288,9 @@ def render_html(report: dict) -> str:
     if report.get("tuning"):
         parts.append(f"<section id=tuning><h2>Hyperparameter search</h2>"
                      f"{_tuning(report['tuning'])}</section>")
+    if report.get("preference"):
+        text = "</p><p>".join(_e(line) for line in preference_markdown(report["preference"])[3:])
+        parts.append(f"<section id=preference><h2>Preference pairs</h2><p>{text}</p></section>")
     if report.get("regressions"):
         parts.append(f"<section id=regressions><h2>What did it break</h2>"
                      f"{_regressions(report['regressions'])}</section>")

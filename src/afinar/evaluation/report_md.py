@@ -4,6 +4,7 @@ report.md."""
 from __future__ import annotations
 
 from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
+from afinar.evaluation.preference import preference_markdown
 
 
 def render_markdown(report: dict) -> str:
@@ -28,6 +29,7 @@ def render_markdown(report: dict) -> str:
     if changes:
         lines += ["", f"Per example: {changes['improved']} improved, {changes['worse']} worse, "
                   f"{changes['same']} identical, {changes['reworded']} reworded."]
+    lines += preference_markdown(report.get("preference") or {})
     reg = report.get("regressions")
     if reg:
         s = reg["summary"]

@@ -328,6 +328,10 @@ def _gguf_adapter(job: _Job):
     path = job.tmp / f"{job.name}-lora-{job.kind}.gguf"
     job.notify(f"writing {path.name}")
     write_adapter_gguf(resolved.adapter, config, path, job.kind, job.name)
+    if resolved.merged_adapters:
+        job.notify("this run trained on top of another run's model: the adapter applies to "
+                   "that model's merged weights (export it with --to gguf and use it as BASE), "
+                   "not to the original base")
     qlora = _qlora(job.loaded)
     if qlora:
         job.notify(f"QLoRA run: this adapter was trained against the de-quantised {qlora} base "

@@ -48,7 +48,9 @@ def install_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
-        message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
+        what = ("unknown parameter" if first.get("type") == "extra_forbidden"
+                else first.get("msg", "invalid request"))
+        message = f"{param + ': ' if param else ''}{what}"
         return envelope(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from afinar import rundir
 from afinar.config import TrainConfig
+from afinar.data.formats import format_family
 from afinar.data.validate import load_examples
 from afinar.serve.errors import ApiError, not_found
 from afinar.serve.ids import new_id, now
@@ -24,27 +25,78 @@ FINAL = ("succeeded", "failed", "cancelled")
 _SUFFIX = re.compile(r"[A-Za-z0-9_.-]*")
 
 
+# method.type -> the training objective; "orpo" is afinar's extension of OpenAI's types.
+OBJECTIVES = {"supervised": "sft", "dpo": "dpo", "orpo": "orpo"}
+# Each hyperparameter: (kind, low, high), "auto" always accepted. n_epochs and batch_size as
+# OpenAI documents them; the others as afinar's config allows.
+_RANGES = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256),
+           "learning_rate_multiplier": (float, 1e-3, 100.0), "beta": (float, 1e-4, 2.0),
+           "lambda": (float, 1e-4, 10.0)}
+
+
 def model_name(job: dict, organization: str) -> str:
-    """ft:BASE:ORG:SUFFIX:ID, as OpenAI names fine-tuned models (an empty suffix stays empty)."""
-    return f"ft:{job['model']}:{organization}:{job['suffix'] or ''}:{job['id'].split('-', 1)[1]}"
+    """ft:BASE:ORG:SUFFIX:ID, as OpenAI names fine-tuned models (an empty suffix stays empty);
+    a job that starts from a fine-tuned model keeps that model's BASE."""
+    base = job["model"].split(":")[1] if job["model"].startswith("ft:") else job["model"]
+    return f"ft:{base}:{organization}:{job['suffix'] or ''}:{job['id'].split('-', 1)[1]}"
 
 
 def effective_hyperparameters(job: dict) -> dict:
-    """The newer `method.supervised.hyperparameters` wins over the legacy `hyperparameters`."""
+    """The newer `method.<type>.hyperparameters` wins over the legacy `hyperparameters`."""
     method = job.get("method") or {}
-    from_method = ((method.get("supervised") or {}).get("hyperparameters")) or {}
+    kind = method.get("type", "supervised")
+    from_method = ((method.get(kind) or {}).get("hyperparameters")) or {}
     legacy = job.get("hyperparameters") or {}
     merged = {k: v for k, v in legacy.items() if v is not None}
     merged.update({k: v for k, v in from_method.items() if v is not None})
     return merged
 
 
-def create_job(store: Store, settings: ServeSettings, request) -> dict:
+def _check_method(method) -> None:
+    """400s for what cannot be trained: an unsupported type, settings under another type."""
+    if method is None:
+        return
+    if method.type not in OBJECTIVES:
+        raise ApiError(400, f"method.type '{method.type}' is not supported; use 'supervised', "
+                       "'dpo' or 'orpo' (an afinar extension).", param="method.type",
+                       code="unsupported_method")
+    for other in ("supervised", "dpo", "orpo", "reinforcement"):
+        if other != method.type and getattr(method, other) is not None:
+            raise ApiError(400, f"method.{other} was given but method.type is "
+                           f"'{method.type}'; put the settings under method.{method.type}.",
+                           param=f"method.{other}")
+
+
+def _check_ranges(values: dict, where: str) -> None:
+    for name, value in values.items():
+        if value is None or value == "auto":
+            continue
+        kind, low, high = _RANGES[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (not number or (kind is int and value != int(value))
+                or not low <= value <= high):
+            what = "an integer" if kind is int else "a number"
+            raise ApiError(400, f"{where}.{name} must be {what} between {low:g} and {high:g}, "
+                           f"or 'auto'; got {value!r}.", param=f"{where}.{name}",
+                           code="invalid_hyperparameter")
+
+
+def _starting_model(store: Store, settings: ServeSettings, name: str) -> str:
+    """What a job trains from: a base model's spec, or a succeeded job's run directory (SFT,
+    then DPO: the new adapter trains on that model's merged weights)."""
     bases = settings.base_models()
-    if request.model not in bases:
-        raise ApiError(404, f"The model '{request.model}' does not exist or cannot be "
-                       f"fine-tuned here. Available: {', '.join(sorted(bases))}.", param="model",
-                       code="model_not_found")
+    if name in bases:
+        return bases[name]
+    parent = store.job_by_model(name)
+    if parent is not None and parent["status"] == "succeeded":
+        return parent["run_dir"]
+    raise ApiError(404, f"The model '{name}' does not exist or cannot be fine-tuned here. "
+                   f"Available: {', '.join(sorted(bases))}, or a fine-tuned model of a "
+                   "succeeded job.", param="model", code="model_not_found")
+
+
+def create_job(store: Store, settings: ServeSettings, request) -> dict:
+    base_spec = _starting_model(store, settings, request.model)
     for param in ("training_file", "validation_file"):
         file_id = getattr(request, param)
         if file_id is None:
@@ -56,18 +108,24 @@ def create_job(store: Store, settings: ServeSettings, request) -> dict:
         if row["purpose"] != "fine-tune":
             raise ApiError(400, f"{param} '{file_id}' has purpose '{row['purpose']}'; upload it "
                            "with purpose='fine-tune'.", param=param, code="invalid_file_purpose")
-    if request.method is not None and request.method.type != "supervised":
-        raise ApiError(400, f"method.type '{request.method.type}' is not supported yet; use "
-                       "'supervised'.", param="method.type", code="unsupported_method")
+    _check_method(request.method)
+    if request.hyperparameters is not None:
+        _check_ranges(request.hyperparameters.model_dump(), "hyperparameters")
+    if request.method is not None:
+        section = getattr(request.method, request.method.type)
+        if section is not None and section.hyperparameters is not None:
+            _check_ranges(section.hyperparameters.model_dump(by_alias=True),
+                          f"method.{request.method.type}.hyperparameters")
     if request.suffix and not _SUFFIX.fullmatch(request.suffix):
         raise ApiError(400, "suffix may only contain letters, digits, '_', '.' and '-'.",
                        param="suffix")
     hp = request.hyperparameters.model_dump(exclude_none=True) if request.hyperparameters else {}
     job_id = new_id("ftjob-")
     row = store.add_job({
-        "id": job_id, "model": request.model, "base_spec": bases[request.model],
+        "id": job_id, "model": request.model, "base_spec": base_spec,
         "training_file": request.training_file, "validation_file": request.validation_file,
-        "hyperparameters": hp, "method": request.method.model_dump(exclude_none=True)
+        "hyperparameters": hp, "method": request.method.model_dump(exclude_none=True,
+                                                                     by_alias=True)
         if request.method else None, "suffix": request.suffix,
         "seed": request.seed if request.seed is not None else 42, "metadata": request.metadata,
         "status": "validating_files", "result_files": [],
@@ -92,6 +150,13 @@ def validate_files(store: Store, job_id: str) -> None:
             return fail_job(store, job_id, "invalid_file",
                             f"The {param} '{file_id}' was deleted.", param)
         report = load_examples(store.file_path(file_id), for_training=param == "training_file")
+        objective = OBJECTIVES[(job.get("method") or {}).get("type", "supervised")]
+        if objective != "sft" and report.ok and format_family(report.format) != "preference":
+            return fail_job(store, job_id, f"invalid_{param}",
+                            f"The job failed due to an invalid {param.replace('_', ' ')} "
+                            f"'{file_id}' ({row['filename']}): method {objective} needs "
+                            f"preference pairs, and this file is in {report.format} format.",
+                            param)
         if report.errors:
             shown = "; ".join(
                 f"line {i.line}: {i.field + ': ' if i.field else ''}{i.message}"
@@ -166,6 +231,11 @@ def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfi
         values["validation_data"] = str(store.file_path(job["validation_file"]))
     else:
         values["held_out_fraction"] = settings.held_out_fraction
+    values["objective"] = OBJECTIVES[(job.get("method") or {}).get("type", "supervised")]
+    if hp.get("beta") not in (None, "auto"):
+        values["dpo"] = {"beta": float(hp["beta"])}
+    if hp.get("lambda") not in (None, "auto"):
+        values["orpo"] = {"lambda": float(hp["lambda"])}
     if hp.get("n_epochs") not in (None, "auto"):
         values["epochs"] = int(hp["n_epochs"])
     if hp.get("batch_size") not in (None, "auto"):
@@ -177,28 +247,46 @@ def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfi
 
 
 def results_csv(run_dir: Path) -> str:
-    """OpenAI's results file: one row per step with training and validation metrics."""
+    """OpenAI's results file: one row per step with training and validation metrics; a
+    preference run adds its reward columns."""
     from afinar.evaluation.diagnosis import read_metrics
 
     rows: dict[int, dict] = {}
+    preference = False
     for record in read_metrics(Path(run_dir) / rundir.METRICS_FILE):
         row = rows.setdefault(record["step"], {"step": record["step"]})
+        prefix = "train" if record.get("type") == "train" else "valid"
+        source = "train" if prefix == "train" else "eval"
         if record.get("type") == "train":
             row.update(train_loss=record.get("train_loss"),
                        train_accuracy=record.get("train_token_accuracy"))
         elif record.get("type") == "eval":
             row.update(valid_loss=record.get("eval_loss"),
                        valid_mean_token_accuracy=record.get("eval_token_accuracy"))
+        if f"{source}_reward_margin" in record:
+            preference = True
+            row.update({f"{prefix}_{name}": record.get(f"{source}_{name}")
+                        for name in _PREFERENCE_COLUMNS})
     out = io.StringIO()
     fields = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    if preference:
+        fields += [f"{p}_{name}" for p in ("train", "valid") for name in _PREFERENCE_COLUMNS]
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for step in sorted(rows):
-        writer.writerow({k: rows[step].get(k, "") for k in fields})
+        writer.writerow({k: "" if rows[step].get(k) is None else rows[step][k] for k in fields})
     return out.getvalue()
 
 
+_PREFERENCE_COLUMNS = ("preference_accuracy", "reward_margin")
+
+
 def resolved_hyperparameters(start_event: dict, config: TrainConfig) -> dict:
-    return {"n_epochs": start_event["epochs"], "batch_size": config.batch_size,
-            "learning_rate_multiplier": config.learning_rate_multiplier}
+    resolved = {"n_epochs": start_event["epochs"], "batch_size": config.batch_size,
+                "learning_rate_multiplier": config.learning_rate_multiplier}
+    if config.objective == "dpo":
+        resolved["beta"] = config.dpo.beta
+    if config.objective == "orpo":
+        resolved["lambda"] = config.orpo.lambda_
+    return resolved
 

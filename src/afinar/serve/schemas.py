@@ -16,19 +16,46 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class Hyperparameters(_Request):
-    n_epochs: Union[Auto, int, None] = Field(None)
-    batch_size: Union[Auto, int, None] = Field(None)
-    learning_rate_multiplier: Union[Auto, float, None] = Field(None)
+class _Exact(BaseModel):
+    # Inside `method` and `hyperparameters` an unknown field is a 400, never dropped: a typo
+    # ("n_epoch") must not silently train with the default. Values are range-checked in
+    # serve/jobs.py, with messages naming the field.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class SupervisedMethod(_Request):
+class Hyperparameters(_Exact):
+    n_epochs: Any = None
+    batch_size: Any = None
+    learning_rate_multiplier: Any = None
+
+
+class DpoHyperparameters(Hyperparameters):
+    beta: Any = None
+
+
+class OrpoHyperparameters(Hyperparameters):
+    lambda_: Any = Field(None, alias="lambda")
+
+
+class SupervisedMethod(_Exact):
     hyperparameters: Optional[Hyperparameters] = None
 
 
-class Method(_Request):
-    type: Literal["supervised", "dpo", "reinforcement"]
+class DpoMethod(_Exact):
+    hyperparameters: Optional[DpoHyperparameters] = None
+
+
+class OrpoMethod(_Exact):
+    hyperparameters: Optional[OrpoHyperparameters] = None
+
+
+class Method(_Exact):
+    # "orpo" is afinar's extension of OpenAI's method types.
+    type: Literal["supervised", "dpo", "orpo", "reinforcement"]
     supervised: Optional[SupervisedMethod] = None
+    dpo: Optional[DpoMethod] = None
+    orpo: Optional[OrpoMethod] = None
+    reinforcement: Optional[dict[str, Any]] = None
 
 
 class JobCreate(_Request):

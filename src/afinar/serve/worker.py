@@ -89,21 +89,23 @@ class _JobEvents:
                                  f"{event['held_out_examples']} held out")
         elif kind == "step":
             data = {"step": event["step"], "train_loss": event["train_loss"],
-                    "train_mean_token_accuracy": event["train_token_accuracy"],
                     "total_steps": event["total_steps"]}
+            if "train_token_accuracy" in event:
+                data["train_mean_token_accuracy"] = event["train_token_accuracy"]
+            data.update(_preference_metrics(event, "train", "train"))
             self.store.add_event(job_id, f"Step {event['step']}/{event['total_steps']}: "
                                  f"training loss={event['train_loss']:.4f}", type="metrics",
                                  data=data)
             self.store.update_job(job_id, estimated_finish=now() + int(event["eta_s"]))
         elif kind == "eval":
-            self.last_eval = {"valid_loss": event["eval_loss"],
-                              "valid_mean_token_accuracy": event["eval_token_accuracy"]}
+            self.last_eval = {"valid_loss": event["eval_loss"]}
+            if "eval_token_accuracy" in event:
+                self.last_eval["valid_mean_token_accuracy"] = event["eval_token_accuracy"]
+            self.last_eval.update(_preference_metrics(event, "eval", "valid"))
             self.store.add_event(job_id, f"Step {event['step']}: validation loss="
                                  f"{event['eval_loss']:.4f}", type="metrics",
                                  data={"step": event["step"], **self.last_eval,
-                                       "full_valid_loss": event["eval_loss"],
-                                       "full_valid_mean_token_accuracy":
-                                           event["eval_token_accuracy"]})
+                                       **{"full_" + k: v for k, v in self.last_eval.items()}})
         elif kind == "checkpoint":
             name = f"{self.job['model_name']}:ckpt-step-{event['step']}"
             metrics = {"step": event["step"], "train_loss": event["train_loss"],
@@ -123,6 +125,13 @@ class _JobEvents:
         row = self.store.job(self.job["id"])
         if row and row["requested"] in ("cancel", "pause"):
             raise StopRequested(row["requested"])
+
+
+def _preference_metrics(event: dict, source: str, prefix: str) -> dict:
+    """A preference run's reward metrics, named as the event data's other fields."""
+    names = ("preference_accuracy", "reward_margin", "chosen_logp_change",
+             "rejected_logp_change")
+    return {f"{prefix}_{n}": event[f"{source}_{n}"] for n in names if f"{source}_{n}" in event}
 
 
 def run_job(store: Store, settings: ServeSettings, job: dict) -> None:
