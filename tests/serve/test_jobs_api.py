@@ -103,7 +103,7 @@ def test_create_errors_are_4xx_in_openai_envelope(client, training_file):
     assert info.value.body["param"] == "training_file"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.create(training_file=training_file.id, model="tiny",
-                                       method={"type": "dpo"})
+                                       method={"type": "reinforcement"})
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
     with pytest.raises(openai.NotFoundError):
