@@ -405,14 +405,15 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _run_child(side: str, args, threads: int) -> dict:
+def _run_child(side: str, args, threads: int, script: Path | None = None) -> dict:
+    """Runs `script` (default: this file) with --child SIDE; its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     with tempfile.NamedTemporaryFile(prefix=f"bench-{side}-", suffix=".json",
                                      delete=False) as handle:
         out = Path(handle.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side,
+    cmd = [sys.executable, str((script or Path(__file__)).resolve()), "--child", side,
            "--child-out", str(out), "--steps", str(args.steps), "--threads", str(threads),
            "--model", str(args.model), "--data", str(args.data), "--precision", args.precision,
            "--compile", args.compile, "--device", args.device]

@@ -79,3 +79,49 @@ def test_validate_reports_the_split(small_chat_file):
     assert result.exit_code == 0
     report = json.loads(result.output)
     assert report["stats"]["split"]["train"] == 32 and report["stats"]["split"]["held_out"] == 8
+
+
+def test_sft_then_dpo_then_chat_and_merged_export(tmp_path, tiny_model_dir, small_chat_file):
+    """The README's preference path on a tiny model: validate pairs, SFT, DPO from the SFT run,
+    chat, and a merged export holding base + SFT + DPO."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from afinar import load
+    from afinar.export import export
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"pedido {i} llegó roto", "chosen": f"Prioridad: alta {i}",
+         "rejected": f"lo siento mucho {i}"} for i in range(16)])
+    shown = runner.invoke(app, ["validate", str(pairs), "--model", str(tiny_model_dir)])
+    assert shown.exit_code == 0, shown.output
+    assert "chosen vs rejected" in " ".join(shown.output.split())
+    common = ["--model", str(tiny_model_dir), "--set", "precision=fp32", "--no-eval",
+              "--set", "learning_rate=0.01"]
+    sft = tmp_path / "sft"
+    done = runner.invoke(app, ["train", "--data", str(small_chat_file), "--output", str(sft),
+                               "--set", "max_steps=4", *common])
+    assert done.exit_code == 0, done.output
+    dpo = tmp_path / "dpo"
+    common[1] = str(sft)
+    done = runner.invoke(app, ["train", "--method", "dpo", "--data", str(pairs), "--output",
+                               str(dpo), "--set", "max_steps=4", "--set", "eval_steps=2",
+                               *common])
+    assert done.exit_code == 0, done.output
+    assert "preference accuracy" in done.output and "reference log-probs" in done.output
+    assert "objective: dpo" in (dpo / rundir.CONFIG_FILE).read_text()
+    wrong = runner.invoke(app, ["train", "--method", "full", "--data", str(pairs)])
+    assert wrong.exit_code == 1 and "--set method=full" in wrong.output
+
+    chat = subprocess.run([AFINAR, "chat", str(dpo), "--max-tokens", "5"], input="hola\n/exit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr
+    result = export(str(dpo), to="merged", output=str(tmp_path / "merged"), prompts=2)
+    assert result.verification.summary()["passed"]
+    merged = AutoModelForCausalLM.from_pretrained(result.output).eval()
+    trained, sft_only = load(str(dpo)), load(str(sft))
+    ids = torch.tensor([trained.prompt_ids([{"role": "user", "content": "pedido 7 llegó roto"}])])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trained.model(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, sft_only.model(ids).logits, atol=1e-4)

@@ -48,9 +48,13 @@ class TrainProgress:
         elif kind == "eval":
             self.eval_loss = event["eval_loss"]
             if not self.live:
+                if "eval_preference_accuracy" in event:
+                    detail = (f"preference accuracy {event['eval_preference_accuracy']:.1%}, "
+                              f"reward margin {event['eval_reward_margin']:.3f}")
+                else:
+                    detail = f"token accuracy {event['eval_token_accuracy']:.1%}"
                 console.print(f"  eval step {event['step']}: held-out loss "
-                              f"{event['eval_loss']:.4f}, token accuracy "
-                              f"{event['eval_token_accuracy']:.1%}")
+                              f"{event['eval_loss']:.4f}, {detail}")
         elif kind == "end":
             if self.progress:
                 self.progress.stop()
