@@ -272,14 +272,12 @@ def test_unknown_format_everywhere_names_the_keys(tmp_path):
     assert "answer" in located[0].message and "question" in located[0].message
 
 
-def test_preference_pairs_are_rejected(tmp_path):
+def test_preference_pairs_are_read_as_pairs(tmp_path):
     lines = [json.dumps({"prompt": f"p{i}", "chosen": "good", "rejected": "bad"})
              for i in range(12)]
     report = load_examples(write_raw(tmp_path / "pref.jsonl", lines))
-    assert not report.ok and report.format == "preference"
-    assert [(i.line, i.field) for i in report.errors if i.line] == [
-        (n, "chosen") for n in range(1, 13)]
-    assert "preference" in report.errors[-1].message
+    assert report.ok and report.format == "preference"
+    assert [(ex.final_answer(), ex.rejected) for ex in report.examples] == [("good", "bad")] * 12
 
 
 # --- errors are collected, not first-only --------------------------------------------------------
