@@ -23,10 +23,20 @@ def _sets(extra):
     return [x for s in COMMON + extra for x in ("--set", s)]
 
 
+def _pairs(folder: Path) -> Path:
+    from conftest import write_jsonl
+
+    return write_jsonl(folder / "pairs.jsonl", [
+        {"prompt": f"pedido {i} llegó roto", "chosen": f"Prioridad: alta {i}",
+         "rejected": f"lo siento {'mucho ' * (i % 3)}{i}"} for i in range(40)])
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir,
-                                                           small_chat_file):
+                                                           small_chat_file, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = ["--data", str(small_chat_file), "--model", str(tiny_model_dir)]
+    data = small_chat_file if method == "sft" else _pairs(tmp_path)
+    base = ["--data", str(data), "--model", str(tiny_model_dir), "--method", method]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     ddp = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "afinar.cli", "train", *base,
                           "--output", str(tmp_path / "ddp"), *_sets([])],
