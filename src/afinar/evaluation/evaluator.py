@@ -347,7 +347,10 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         regression = regressions.compare_probes(probes, results["model"]["probe_answers"],
                                                 results["baseline"]["probe_answers"], signature)
         cross = regressions.compare_cross_system(cross_sets, results["model"]["cross_answers"],
-                                                 results["baseline"]["cross_answers"], signature)
+                                                 results["baseline"]["cross_answers"], signature,
+                                                 regressions.PREFERENCE_ADVICE
+                                                 if _is_preference_run(target)
+                                                 else regressions.PRESERVE_ADVICE)
         regression["cross_system"] = cross["sets"]
         warnings += regression["warnings"] + cross["warnings"]
     training = None
@@ -403,6 +406,10 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         "tuning": _read_json(target.run_dir / "tune" / "trials.json") if target.run_dir else None,
         "warnings": warnings,
     }
+
+
+def _is_preference_run(target: _Target) -> bool:
+    return target.config is not None and target.config.objective != "sft"
 
 
 def _read_json(path: Path) -> dict | None:

@@ -136,9 +136,18 @@ def cross_system_prompts(examples: list[Example], probes: list[Example]) -> dict
     return {"probes_under_task_system": under_task, "task_under_other_system": moved}
 
 
+PRESERVE_ADVICE = "`preserve` (on by default for LoRA) trains against this"
+# Preference runs have no replay set: the pairs themselves must show where the style belongs.
+PREFERENCE_ADVICE = ("preference pairs all under one system prompt teach the style everywhere; "
+                     "add pairs under other system prompts (or none) whose chosen answer is the "
+                     "ordinary one")
+
+
 def compare_cross_system(sets: dict[str, list], tuned: dict[str, list[str]],
-                         base: dict[str, list[str]], signature: str | None) -> dict:
-    """Leak counts for each set, per model, with the prompts and answers."""
+                         base: dict[str, list[str]], signature: str | None,
+                         advice: str = PRESERVE_ADVICE) -> dict:
+    """Leak counts for each set, per model, with the prompts and answers; `advice` ends each
+    warning."""
     out: dict = {}
     warnings = []
     for name, prompts in sets.items():
@@ -156,7 +165,6 @@ def compare_cross_system(sets: dict[str, list], tuned: dict[str, list[str]],
                     "task_under_other_system": "the task's prompts asked under another "
                     "assistant's system prompt"}[name]
             warnings.append(f"the taught format leaks across system prompts: {leaks} of "
-                            f"{len(items)} {what} get it (base {base_leaks}); `preserve` "
-                            "(on by default for LoRA) trains against this")
+                            f"{len(items)} {what} get it (base {base_leaks}); {advice}")
     out["signature"] = signature
     return {"sets": out, "warnings": warnings}

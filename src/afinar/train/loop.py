@@ -132,7 +132,9 @@ def _save_folder_atomic(model, dest: Path, state_dict: dict | None = None) -> No
 
 def _write_run_info(run: Path, config: TrainConfig, status: str, **extra) -> None:
     info = rundir.read_run_info(run)
-    info.update({"status": status, "base_model": config.model, "method": config.method,
+    # "lora", "full", or with a preference objective "lora dpo", "full orpo"...
+    method = config.method if config.objective == "sft" else f"{config.method} {config.objective}"
+    info.update({"status": status, "base_model": config.model, "method": method,
                  "data": config.data, **extra})
     info.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     info["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
