@@ -1,6 +1,6 @@
 """DPO benchmark: afinar's DPO objective vs TRL's DPOTrainer, same model, data and settings.
 
-    .venv/bin/python bench/bench_dpo.py [--steps 18] [--compile off|on] [--precision auto|fp32|bf16]
+    .venv/bin/python bench/bench_dpo.py [--steps 36] [--compile off|on] [--precision auto|fp32|bf16]
         [--out bench/results/dpo.json]
 
 Needs the `dev` or `bench` extra (trl==1.16.0, datasets==5.2.0) and the embedded
@@ -15,8 +15,9 @@ per step (8 sequences); beta 0.1, sigmoid loss; lr 1e-4, cosine with 10% warmup;
 What is timed, on both sides: steady state, from the end of optimizer step 1 to the end of the
 last one. TRL runs the reference model (the adapter disabled) inside every step; afinar runs it
 once, before training, over the whole file: that pass is timed apart and its cost is charged to
-the timed steps in proportion to the pairs they train (`reference_charged_s`). With the default
-18 steps of 4 pairs, one epoch, every pair's reference is computed exactly once on both sides.
+the timed steps in proportion to their share of the run's steps (`reference_charged_s`). The
+default 36 steps of 4 pairs are two epochs of the 72 pairs (`epochs: auto` gives this file 4):
+TRL computes each pair's reference twice, afinar once.
 Tokens are non-padding tokens of both sides of every pair trained on.
 
 For reading, never for test assertions: see bench/README.md.
@@ -34,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (DEFAULT_MODEL, LORA, MAX_GRAD_NORM, ROOT, SEED,  # noqa: E402
                          WARMUP_RATIO, _loadavg, _maxrss_mb, _resolved_precision, _run_child,
+                         _warmup_steps,
                          _set_threads)
 
 DATA = ROOT / "examples" / "respuestas-breves" / "data.jsonl"
@@ -90,7 +92,8 @@ def child_afinar(args) -> dict:
     train_records = [r for r in records if r["type"] == "train"]
     steps_seconds = train_records[-1]["elapsed_s"] - train_records[0]["elapsed_s"]
     timed_steps = len(train_records) - 1
-    charged = reference["seconds"] * timed_steps * PAIRS_PER_STEP / len(reference["train"])
+    # The pass is one cost for the whole run: the timed steps carry their share of the run's steps.
+    charged = reference["seconds"] * timed_steps / len(train_records)
     tokens = sum(batches[1:len(train_records)])
     return {"side": "afinar", "steps": len(train_records), "steps_seconds": steps_seconds,
             "reference_seconds": reference["seconds"], "reference_charged_s": charged,
@@ -129,7 +132,7 @@ def child_trl(args) -> dict:
             output_dir=tmp, use_cpu=True, bf16=precision == "bf16", fp16=False,
             per_device_train_batch_size=PAIRS_PER_STEP, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=LEARNING_RATE, lr_scheduler_type="cosine",
-            warmup_ratio=WARMUP_RATIO, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
+            warmup_steps=_warmup_steps(args.steps), max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
             beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH, seed=SEED,
             report_to=[], save_strategy="no", eval_strategy="no", logging_steps=1,
             dataloader_num_workers=0, gradient_checkpointing=False)
@@ -171,7 +174,7 @@ def child_trl(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=18)
+    parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dpo.json")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)

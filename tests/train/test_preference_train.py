@@ -59,12 +59,16 @@ def test_dpo_starts_at_ln2_with_no_wins_and_learns(dpo_run):
     run = result.run_dir
     first_eval, *_, last_eval = _records(run, "eval")
     first_step = _records(run, "train")[0]
-    # Step 0: the policy is the reference (LoRA's B is zero), so every pair is a tie.
+    # Step 0: the policy is the reference (LoRA's B is zero), so every pair is a tie; the loss
+    # is the DPO term plus the default SFT term on the chosen answers.
     for record, prefix in ((first_eval, "eval"), (first_step, "train")):
-        assert record[f"{prefix}_loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert record[f"{prefix}_preference_loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert record[f"{prefix}_loss"] == pytest.approx(math.log(2) + record[f"{prefix}_nll"],
+                                                         rel=1e-5)
         assert record[f"{prefix}_preference_accuracy"] == 0
         assert record[f"{prefix}_preference_ties"] == 1
-    assert last_eval["eval_preference_accuracy"] > 0.9 and last_eval["eval_loss"] < 0.4
+    assert last_eval["eval_preference_accuracy"] > 0.9
+    assert last_eval["eval_preference_loss"] < 0.4 and last_eval["eval_nll"] < first_eval["eval_nll"]
     assert last_eval["eval_reward_margin"] > 0.5
     assert last_eval["eval_chosen_logp_change"] > 0 > last_eval["eval_rejected_logp_change"]
     stored = json.loads((run / REFERENCE_FILE).read_text())
@@ -155,9 +159,11 @@ def test_dpo_from_an_sft_run_uses_the_sft_model_as_reference(tmp_path, tiny_mode
 
 def test_full_fine_tuning_dpo_trains_every_weight(tmp_path, tiny_model_dir):
     result = train(_config(_pairs(tmp_path, n=16), tiny_model_dir, tmp_path / "run",
-                           method="full", learning_rate=1e-3, max_steps=6, eval_steps=3))
+                           method="full", learning_rate=1e-3, max_steps=6, eval_steps=3,
+                           dpo={"sft_weight": 0.0}))  # the DPO paper's loss alone
     evals = _records(result.run_dir, "eval")
     assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert evals[0]["eval_nll"] > 0 and evals[0]["eval_loss"] == evals[0]["eval_preference_loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert "adapter" not in json.loads((result.run_dir / REFERENCE_FILE).read_text())["model"]
     assert (result.run_dir / rundir.FULL_MODEL_DIR).is_dir()

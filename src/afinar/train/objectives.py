@@ -63,8 +63,8 @@ class Supervised:
 
 
 # Per-pair sums a preference step keeps (the loss, already normalised, comes first).
-_STATS = ("loss", "wins", "ties", "margin", "chosen", "rejected", "chosen_tokens",
-          "rejected_tokens", "pairs")
+_STATS = ("loss", "preference_loss", "nll", "wins", "ties", "margin", "chosen", "rejected",
+          "chosen_tokens", "rejected_tokens", "pairs")
 
 
 class Preference:
@@ -111,9 +111,8 @@ class Preference:
             per_pair = dpo_losses(chosen, rejected, ref[:, 0], ref[:, 1], self.dpo.beta,
                                   self.dpo.loss, self.dpo.label_smoothing, chosen_tokens,
                                   rejected_tokens)
-            loss = per_pair.sum() / max(1.0, target)
-            if self.dpo.sft_weight:
-                loss = loss + self.dpo.sft_weight * nll
+            preference = per_pair.sum() / max(1.0, target)
+            loss = preference + self.dpo.sft_weight * nll if self.dpo.sft_weight else preference
             chosen_change = (chosen - ref[:, 0]).detach()
             rejected_change = (rejected - ref[:, 1]).detach()
             margin = self.dpo.beta * (chosen_change - rejected_change)
@@ -121,15 +120,17 @@ class Preference:
         else:  # orpo
             log_odds = orpo_log_odds(chosen / chosen_tokens.clamp(min=1),
                                      rejected / rejected_tokens.clamp(min=1))
-            loss = nll - self.orpo.lambda_ * torch.nn.functional.logsigmoid(
+            preference = -self.orpo.lambda_ * torch.nn.functional.logsigmoid(
                 log_odds).sum() / max(1.0, target)
+            loss = nll + preference
             # ORPO has no reference: its "change" columns are the mean per-token log-probs.
             chosen_change = (chosen / chosen_tokens.clamp(min=1)).detach()
             rejected_change = (rejected / rejected_tokens.clamp(min=1)).detach()
             margin = self.orpo.lambda_ * (chosen_change - rejected_change)
             gap = (chosen_change - rejected_change)
         stats = torch.stack([
-            loss.detach().double(), (gap > TIE_TOLERANCE).sum().double(),
+            loss.detach().double(), preference.detach().double(), nll.detach().double(),
+            (gap > TIE_TOLERANCE).sum().double(),
             (gap.abs() <= TIE_TOLERANCE).sum().double(), margin.sum().double(),
             chosen_change.sum().double(), rejected_change.sum().double(),
             chosen_tokens.sum().double(), rejected_tokens.sum().double(),
@@ -141,7 +142,10 @@ class Preference:
         s = dict(zip(_STATS, sums.tolist()))
         pairs = max(1.0, s["pairs"])
         what = "logp_change" if self.name == "dpo" else "mean_logp"
-        return {f"{prefix}_loss": s["loss"],
+        # loss = preference_loss (+ the weighted SFT term: ORPO's, DPO's sft_weight); nll is
+        # the chosen answers' mean token NLL.
+        return {f"{prefix}_loss": s["loss"], f"{prefix}_preference_loss": s["preference_loss"],
+                f"{prefix}_nll": s["nll"],
                 f"{prefix}_preference_accuracy": s["wins"] / pairs,
                 f"{prefix}_preference_ties": s["ties"] / pairs,
                 f"{prefix}_reward_margin": s["margin"] / pairs,
