@@ -78,7 +78,8 @@ def child_afinar(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         config = TrainConfig(
             data=str(args.data), model=str(args.model), output=str(Path(tmp) / "run"),
-            objective="dpo", dpo={"beta": BETA}, held_out_fraction=0.0, method="lora",
+            objective="dpo", dpo={"beta": BETA, "sft_weight": 0.0},  # TRL's sigmoid loss alone
+            held_out_fraction=0.0, method="lora",
             lora=LoraSettings(**LORA), epochs=args.steps, max_steps=args.steps,
             learning_rate=LEARNING_RATE, batch_size=PAIRS_PER_STEP, warmup_ratio=WARMUP_RATIO,
             lr_scheduler="cosine", max_grad_norm=MAX_GRAD_NORM, max_seq_length=MAX_LENGTH,

@@ -111,8 +111,8 @@ def test_sft_then_dpo_then_chat_and_merged_export(tmp_path, tiny_model_dir, smal
     assert done.exit_code == 0, done.output
     assert "preference accuracy" in done.output and "reference log-probs" in done.output
     assert "objective: dpo" in (dpo / rundir.CONFIG_FILE).read_text()
-    wrong = runner.invoke(app, ["train", "--method", "full", "--data", str(pairs)])
-    assert wrong.exit_code == 1 and "--set method=full" in wrong.output
+    wrong = runner.invoke(app, ["train", "--method", "ppo", "--data", str(pairs)])
+    assert wrong.exit_code == 1 and "expected sft, dpo or orpo" in " ".join(wrong.output.split())
 
     chat = subprocess.run([AFINAR, "chat", str(dpo), "--max-tokens", "5"], input="hola\n/exit\n",
                           capture_output=True, text=True, timeout=300)

@@ -134,8 +134,8 @@ def train(
                                    "lora.r=8 (repeatable)."),
     validation_data: Optional[str] = typer.Option(None, help="Held-out file instead of a split."),
     method: Optional[str] = typer.Option(None, help="What to optimise: sft (default), dpo or "
-                                         "orpo (preference pairs; the `objective` setting). "
-                                         "LoRA vs full fine-tuning is `--set method=full`."),
+                                         "orpo (preference pairs; the `objective` setting), or "
+                                         "which weights train: lora (default) or full."),
     epochs: Optional[str] = typer.Option(None, help="Epochs, or auto."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run directory."),
     checks: Optional[str] = typer.Option(None, help="Checks file (YAML) for the final "
@@ -147,7 +147,7 @@ def train(
                                         "scored on part of the training data (default off)."),
 ):
     """Fine-tune a model (LoRA by default), evaluate it against its base, write a run directory."""
-    from afinar.config import load_train_config
+    from afinar.config import load_train_config, method_option
 
     _quiet_libraries()
     from afinar.train.loop import train as run_training
@@ -164,7 +164,7 @@ def train(
     else:
         values = {"data": data, "model": model, "output": output,
                   "validation_data": validation_data, "checks": checks, "evaluate": evaluate,
-                  "tune": tune, "objective": _objective(method),
+                  "tune": tune, **method_option(method),
                   "epochs": (epochs if epochs in (None, "auto") else _int(epochs, "--epochs"))}
         cfg = load_train_config(config, set_, **values)
     progress = TrainProgress()
@@ -180,15 +180,6 @@ def _print_report(report) -> None:
 
     out.print(Markdown(report.markdown))
     out.print(f"Report: {report.output / 'report.html'}")
-
-
-def _objective(method: str | None) -> str | None:
-    if method in (None, "sft", "dpo", "orpo"):
-        return method
-    if method in ("lora", "full"):
-        raise AfinarError(f"--method {method}: --method picks sft, dpo or orpo",
-                          f"LoRA or full fine-tuning is a setting: --set method={method}")
-    raise AfinarError(f"--method {method!r}: expected sft, dpo or orpo")
 
 
 def _int(value: str, name: str) -> int:

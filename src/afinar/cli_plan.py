@@ -18,7 +18,8 @@ def plan(
     model: Optional[str] = typer.Option(None, help="Base model: a name, folder, .gguf, hub id "
                                         "(its config.json cached) or run directory."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
-    method: Optional[str] = typer.Option(None, help="lora or full."),
+    method: Optional[str] = typer.Option(None, help="lora or full (which weights train), or "
+                                         "sft, dpo or orpo (what to optimise)."),
     quantization: Optional[str] = typer.Option(None, help="none, 4bit or 8bit (QLoRA)."),
     device: Optional[str] = typer.Option(None, "--device", help="Plan for a GPU of the table, "
                                          "e.g. \"RTX 3060 12GB\", A100, H100 (default: this "
@@ -31,11 +32,11 @@ def plan(
     """Estimate a run's peak memory, the settings that fit, its time and its cost (no weights
     are loaded)."""
     from afinar.cli import _quiet_libraries
-    from afinar.config import load_train_config
+    from afinar.config import load_train_config, method_option
     from afinar.plan.run import plan_command
 
     _quiet_libraries()
-    cfg = load_train_config(config, set_, data=data, model=model, method=method,
+    cfg = load_train_config(config, set_, data=data, model=model, **method_option(method),
                             quantization=quantization, max_memory=max_memory)
     result = plan_command(cfg, device, notify=lambda m: console.print(f"[dim]{m}[/]"))
     if as_json:

@@ -231,6 +231,20 @@ def auto_epochs(n_train: int, tokens_per_epoch: int | None = None) -> int:
     return epochs
 
 
+def method_option(value: str | None) -> dict:
+    """The settings `--method VALUE` sets: an objective (sft, dpo, orpo) or LoRA vs full
+    fine-tuning (lora, full), so `afinar train --method dpo` and `afinar plan --method full`
+    both read naturally. Combine them with --set, e.g. --method dpo --set method=full."""
+    if value is None:
+        return {}
+    if value in ("sft", "dpo", "orpo"):
+        return {"objective": value}
+    if value in ("lora", "full"):
+        return {"method": value}
+    raise AfinarError(f"--method {value!r}: expected sft, dpo or orpo (what to optimise), or "
+                      "lora or full (which weights train)")
+
+
 # --- loading -------------------------------------------------------------------------------------
 
 def _set_path(data: dict, dotted: str, value) -> None:

@@ -45,8 +45,10 @@ def attach_reference(run: Path, data, accelerator, loss_model, model, config, pa
         lora = config.method == "lora" and hasattr(model, "disable_adapter")
         started = time.perf_counter()
         everything = data.train + data.held
+        # Forward only, nothing kept for a backward pass: twice the training micro-batch stays
+        # below the training peak and runs the matmuls fuller.
         values = reference_log_probs(
-            module, everything, config.batch_size, pad_id, accelerator.device,
+            module, everything, 2 * config.batch_size, pad_id, accelerator.device,
             autocast=accelerator.autocast, adapter_off=model.disable_adapter if lora
             else nullcontext, on_progress=lambda done, total: emit(
                 {"type": "eval_progress", "task": "reference log-probs", "done": done,
