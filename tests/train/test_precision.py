@@ -124,13 +124,13 @@ def test_frozen_weights_are_stored_in_bf16_and_train_exactly_as_under_autocast(
     matmul), the LoRA weights and their optimizer state in fp32, and the numbers are those of
     fp32 weights under bf16 autocast."""
     seen = {}
-    real_prepare = loop.SupervisedLoss
+    real_prepare = loop.make_objective
 
-    def spy(model):
+    def spy(config, model):
         seen["model"] = model
-        return real_prepare(model)
+        return real_prepare(config, model)
 
-    monkeypatch.setattr(loop, "SupervisedLoss", spy)
+    monkeypatch.setattr(loop, "make_objective", spy)
     stored = train(_config(tmp_path, "stored", small_chat_file, tiny_model_dir, "bf16"))
     model = seen["model"]
     frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
