@@ -24,6 +24,7 @@ from afinar.serve.routers import chat, files, jobs, models
 from afinar.serve.routers.deps import check_api_key
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
+from afinar.serve.web import pages
 
 
 _FORM_SLACK = 64 * 1024  # multipart boundaries and the other form fields
@@ -87,6 +88,6 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
                             code="file_too_large")
         return await call_next(request)
 
-    for router in (files.router, jobs.router, chat.router, models.router):
+    for router in (files.router, jobs.router, chat.router, models.router, pages.router):
         app.include_router(router)
     return app

@@ -10,6 +10,7 @@ from afinar.serve.engine import Engine
 from afinar.serve.errors import ApiError
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
+from afinar.serve.web.pages import is_public
 
 
 def get_store(request: Request) -> Store:
@@ -28,7 +29,7 @@ def check_api_key(request: Request) -> None:
     """With keys configured, every request needs `Authorization: Bearer <key>`; without any,
     the server listens on loopback only and accepts whatever key a client sends."""
     keys = request.app.state.settings.keys()
-    if not keys:
+    if not keys or is_public(request.url.path):
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

@@ -84,6 +84,16 @@ def delete(file_id: str, store: Store = Depends(get_store)):
     return {"id": file_id, "object": "file", "deleted": True}
 
 
+@router.get("/{file_id}/validation")
+def validation(file_id: str, store: Store = Depends(get_store),
+               settings: ServeSettings = Depends(get_settings)):
+    """afinar's extension: the file checked as `afinar validate` checks it (no tokenizer)."""
+    from afinar.data.summary import file_summary
+
+    row = _file(store, file_id)
+    return file_summary(store.file_path(file_id), row["filename"], settings.held_out_fraction)
+
+
 @router.get("/{file_id}/content")
 def content(file_id: str, store: Store = Depends(get_store)):
     row = _file(store, file_id)

@@ -1,0 +1,33 @@
+"""A data file's validation report without a tokenizer, for the server and the dashboard.
+
+    summary = file_summary("train.jsonl")    # issues, format, split, duplicates, a sample
+
+`afinar validate` adds token statistics on top (they need the model's tokenizer).
+"""
+
+from __future__ import annotations
+
+from afinar.data.split import split_report
+from afinar.data.stats import duplicates_and_contradictions
+from afinar.data.validate import load_examples
+
+
+def _example(ex) -> dict:
+    return {"line": ex.line, "text": ex.text, "rejected": ex.rejected,
+            "messages": [{"role": m.role, "content": m.content} for m in ex.messages]}
+
+
+def file_summary(path, display_name: str | None = None, held_out_fraction: float = 0.2,
+                 seed: int = 42, sample: int = 20) -> dict:
+    """Every problem (line, field, message, hint), the counts, the held-out split a job would
+    make, duplicates and contradictions, and the first `sample` examples."""
+    report = load_examples(path)
+    shown = display_name or str(path)
+    issues = [{**issue.to_dict(), "path": shown} for issue in report.issues]
+    out = {"format": report.format, "examples": len(report.examples), "ok": report.ok,
+           "errors": len(report.errors), "warnings": len(report.warnings), "issues": issues,
+           "sample": [_example(ex) for ex in report.examples[:sample]]}
+    if report.examples:
+        out["split"] = split_report(report.examples, held_out_fraction, seed)
+        out.update(duplicates_and_contradictions(report.examples))
+    return out

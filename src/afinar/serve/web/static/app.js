@@ -1,0 +1,228 @@
+// afinar's dashboard: hash-routed pages over the /v1 API (the same calls any client makes).
+// Written for afinar; no third-party code. Live pages poll the API once a second while a job
+// is not final, so a reload or a second browser simply re-attaches to the server's state.
+"use strict";
+
+const FINAL = ["succeeded", "failed", "cancelled"];
+const view = () => document.getElementById("view");
+let timer = null;
+
+// --- API --------------------------------------------------------------------------------
+function key() { return sessionStorage.getItem("afinar-key") || "local"; }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ Authorization: "Bearer " + key() }, options.headers || {});
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    document.getElementById("key-form").hidden = false;
+    throw new Error("This server needs an API key: type it at the top right.");
+  }
+  if (!response.ok) throw new Error((body.error && body.error.message) || response.statusText);
+  return body;
+}
+
+// --- small DOM helpers ----------------------------------------------------------------------
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (name === "onclick") node.addEventListener("click", value);
+    else node.setAttribute(name, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) {
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+  }
+  return node;
+}
+
+function show(...nodes) { view().replaceChildren(...nodes); }
+function failure(error) { return el("p", { class: "error" }, String(error.message || error)); }
+function when(seconds) { return seconds ? new Date(seconds * 1000).toLocaleString() : "–"; }
+
+// --- jobs -------------------------------------------------------------------------------------
+async function jobsPage() {
+  const list = await api("/v1/fine_tuning/jobs?limit=100");
+  const rows = list.data.map((job) => el("tr", { class: "job" },
+    el("td", {}, el("a", { href: "#/jobs/" + job.id }, job.id)),
+    el("td", {}, el("span", { class: "status " + job.status }, job.status)),
+    el("td", {}, job.model), el("td", {}, job.method ? job.method.type : "supervised"),
+    el("td", {}, job.fine_tuned_model || "–"), el("td", {}, when(job.created_at))));
+  show(el("h1", {}, "Fine-tuning jobs"),
+       rows.length ? el("table", { class: "jobs" },
+         el("tr", {}, ["job", "status", "model", "method", "fine-tuned model", "created"]
+           .map((h) => el("th", {}, h))), rows)
+         : el("p", {}, "No jobs yet. Upload a file on the Data page, or create one with the API."));
+  if (list.data.some((job) => !FINAL.includes(job.status))) timer = setTimeout(route, 2000);
+}
+
+function lossPoints(events) {
+  const train = new Map(), valid = new Map();
+  for (const e of events) {
+    if (e.type !== "metrics" || !e.data) continue;
+    if (typeof e.data.train_loss === "number") train.set(e.data.step, e.data.train_loss);
+    if (typeof e.data.valid_loss === "number") valid.set(e.data.step, e.data.valid_loss);
+  }
+  const sorted = (m) => [...m.entries()].sort((a, b) => a[0] - b[0]);
+  return { train: sorted(train), valid: sorted(valid) };
+}
+
+function chart(points, logScale) {
+  const ns = "http://www.w3.org/2000/svg";
+  const W = 720, H = 260, pad = 44;
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart");
+  const all = points.train.concat(points.valid);
+  if (!all.length) {
+    const text = document.createElementNS(ns, "text");
+    text.setAttribute("x", W / 2); text.setAttribute("y", H / 2);
+    text.setAttribute("text-anchor", "middle");
+    text.textContent = "waiting for the first step…";
+    svg.append(text);
+    return svg;
+  }
+  const f = (y) => (logScale ? Math.log10(Math.max(y, 1e-6)) : y);
+  const xs = all.map((p) => p[0]), ys = all.map((p) => f(p[1]));
+  const x0 = Math.min(...xs, 0), x1 = Math.max(...xs, 1);
+  let y0 = Math.min(...ys), y1 = Math.max(...ys);
+  if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
+  const sx = (x) => pad + (x - x0) / (x1 - x0) * (W - 2 * pad);
+  const sy = (y) => H - pad + (f(y) - y0) / (y1 - y0) * (2 * pad - H);
+  for (const [label, yy] of [[y1, pad], [y0, H - pad]]) {
+    const text = document.createElementNS(ns, "text");
+    text.setAttribute("x", 4); text.setAttribute("y", yy + 4);
+    text.textContent = (logScale ? Math.pow(10, label) : label).toFixed(3);
+    svg.append(text);
+  }
+  for (const [name, series] of [["train", points.train], ["valid", points.valid]]) {
+    if (!series.length) continue;
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("class", name);
+    line.setAttribute("points", series.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "));
+    svg.append(line);
+    for (const [x, y] of series) {
+      const dot = document.createElementNS(ns, "circle");
+      dot.setAttribute("class", name);
+      dot.setAttribute("cx", sx(x)); dot.setAttribute("cy", sy(y)); dot.setAttribute("r", 2.5);
+      svg.append(dot);
+    }
+  }
+  return svg;
+}
+
+async function jobPage(id) {
+  const [job, events] = await Promise.all([
+    api("/v1/fine_tuning/jobs/" + id),
+    api(`/v1/fine_tuning/jobs/${id}/events?limit=1000`)]);
+  const logScale = sessionStorage.getItem("afinar-log-scale") === "1";
+  const act = (what) => async () => {
+    try { await api(`/v1/fine_tuning/jobs/${id}/${what}`, { method: "POST" }); }
+    catch (error) { alert(error.message); }
+    route();
+  };
+  const buttons = [];
+  if (job.status === "running") buttons.push(el("button", { id: "pause", onclick: act("pause") }, "Pause"));
+  if (job.status === "paused") buttons.push(el("button", { id: "resume", onclick: act("resume") }, "Resume"));
+  if (!FINAL.includes(job.status)) buttons.push(el("button", { id: "cancel", onclick: act("cancel") }, "Cancel"));
+  const toggle = el("label", {}, el("input", { type: "checkbox", id: "log-scale" }), " log scale");
+  toggle.firstChild.checked = logScale;
+  toggle.firstChild.addEventListener("change", (e) => {
+    sessionStorage.setItem("afinar-log-scale", e.target.checked ? "1" : "0");
+    route();
+  });
+  const points = lossPoints(events.data);
+  show(el("h1", {}, "Job ", el("code", {}, job.id)),
+       el("p", {}, el("span", { class: "status " + job.status, id: "job-status" }, job.status),
+          ` · ${job.model} · ${job.method ? job.method.type : "supervised"}`,
+          job.fine_tuned_model ? ` · ${job.fine_tuned_model}` : ""),
+       job.error ? el("p", { class: "error" }, job.error.message) : null,
+       el("div", { class: "actions" }, buttons),
+       el("h2", {}, "Loss"), toggle,
+       el("p", { class: "legend" }, el("span", { class: "train" }, "— training"), "  ",
+          el("span", { class: "valid" }, "— held-out")),
+       chart(points, logScale),
+       el("h2", {}, "Events"),
+       el("ol", { class: "events" }, events.data.map((e) =>
+         el("li", { class: e.level }, el("time", {}, when(e.created_at)), " ", e.message))));
+  if (!FINAL.includes(job.status)) timer = setTimeout(route, 1000);
+}
+
+// --- data ---------------------------------------------------------------------------------------
+function bubbles(example) {
+  const turns = example.messages.map((m) => el("div", { class: "bubble " + m.role },
+    el("b", {}, m.role), el("div", {}, m.content)));
+  if (example.rejected !== null && example.rejected !== undefined) {
+    turns.push(el("div", { class: "bubble rejected" }, el("b", {}, "rejected"),
+                  el("div", {}, example.rejected)));
+  }
+  return el("div", { class: "example" }, el("small", {}, "line " + example.line), turns);
+}
+
+async function validate(file) {
+  const status = document.getElementById("upload-status");
+  status.replaceChildren(`uploading ${file.name}…`);
+  const form = new FormData();
+  form.append("purpose", "fine-tune");
+  form.append("file", file);
+  try {
+    const uploaded = await api("/v1/files", { method: "POST", body: form });
+    const report = await api(`/v1/files/${uploaded.id}/validation`);
+    const verdict = report.ok ? "usable" : "not usable";
+    status.replaceChildren(el("p", { class: report.ok ? "ok" : "error", id: "verdict" },
+      `${file.name} (${uploaded.id}): ${report.examples} examples, format ${report.format}, ` +
+      `${report.errors} errors, ${report.warnings} warnings: ${verdict}`),
+      el("ul", { class: "issues" }, report.issues.map((i) => el("li", { class: "issue " + i.severity },
+        `${i.line ? "line " + i.line : "file"}: ${i.field ? i.field + ": " : ""}${i.message}` +
+        (i.hint ? ` (${i.hint})` : "")))),
+      report.split ? el("p", {}, `held out by a job: ${report.split.held_out} of ` +
+        `${report.split.train + report.split.held_out} (${report.split.method})`) : null,
+      el("div", { class: "examples" }, report.sample.map(bubbles)));
+  } catch (error) {
+    status.replaceChildren(failure(error));
+  }
+}
+
+function dataPage() {
+  const input = el("input", { type: "file", id: "file", accept: ".jsonl,.json,.txt" });
+  input.addEventListener("change", () => input.files[0] && validate(input.files[0]));
+  const zone = el("div", { class: "drop", id: "drop" }, "Drop a JSONL file here, or ", input);
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files[0]) validate(e.dataTransfer.files[0]);
+  });
+  show(el("h1", {}, "Data"),
+       el("p", {}, "The file is uploaded (purpose fine-tune) and checked as `afinar validate` " +
+          "checks it: every problem with its line and field."),
+       zone, el("div", { id: "upload-status" }));
+}
+
+// --- routing --------------------------------------------------------------------------------------
+async function route() {
+  clearTimeout(timer);
+  const hash = location.hash || "#/jobs";
+  const [, page, id] = hash.split("/");
+  for (const link of document.querySelectorAll("[data-nav]")) {
+    link.classList.toggle("active", link.dataset.nav === page);
+  }
+  try {
+    if (page === "data") dataPage();
+    else if (page === "jobs" && id) await jobPage(id);
+    else await jobsPage();
+  } catch (error) {
+    show(failure(error));
+  }
+}
+
+document.getElementById("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem("afinar-key", document.getElementById("key").value.trim());
+  document.getElementById("key-form").hidden = true;
+  route();
+});
+window.addEventListener("hashchange", route);
+route();

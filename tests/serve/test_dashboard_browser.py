@@ -1,0 +1,111 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real
+`afinar serve` with the tiny model: nothing leaves 127.0.0.1, no console errors, a bad upload
+shows its line errors, a job's curve grows live, a reload re-attaches, pause/resume works."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from serving import chat_records, make_server
+
+CHROMIUM = os.environ.get("AFINAR_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def dash(tmp_path_factory, tiny_model_dir):
+    srv = make_server(tmp_path_factory.mktemp("dash"), tiny_model_dir).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def page(dash):
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found: scripts/test.sh installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    root = dash.url.removesuffix("/v1")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            # The page's CSP forbids eval; Playwright's waits evaluate their predicates.
+            tab = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+            tab.errors, tab.foreign = [], []
+            tab.on("console", lambda m: m.type == "error" and tab.errors.append(m.text))
+            tab.on("pageerror", lambda e: tab.errors.append(str(e)))
+            tab.on("request", lambda r: r.url.startswith(root) or tab.foreign.append(r.url))
+            tab.root = root
+            yield tab
+            assert tab.errors == [] and tab.foreign == []
+        finally:
+            browser.close()
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def test_a_bad_upload_shows_its_line_errors_and_a_good_one_its_examples(page, tmp_path):
+    page.goto(page.root + "/#/data")
+    records = chat_records(12)
+    records[2] = {"messages": [{"role": "asistente", "content": "x"}]}
+    page.set_input_files("#file", str(_jsonl(tmp_path / "bad.jsonl", records)))
+    page.wait_for_selector("#verdict")
+    assert "not usable" in page.inner_text("#verdict")
+    issues = page.locator("li.issue.error").all_inner_texts()
+    assert any(t.startswith("line 3: messages[0].role: unknown role") for t in issues), issues
+    page.set_input_files("#file", str(_jsonl(tmp_path / "good.jsonl", chat_records(12))))
+    page.wait_for_function("(document.querySelector('#verdict') || {textContent: ''}).textContent.includes('good.jsonl')")
+    assert "usable" in page.inner_text("#verdict") and page.locator(".issue.error").count() == 0
+    assert page.locator(".bubble.assistant").count() == 12
+
+
+def test_a_job_page_draws_its_curve_live_reattaches_and_pauses(page, dash, tmp_path):
+    client = dash.client()
+    data = _jsonl(tmp_path / "train.jsonl", chat_records(24))
+    uploaded = client.files.create(file=open(data, "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=uploaded.id, model="tiny",
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    page.goto(page.root + "/#/jobs/" + job.id)
+    page.wait_for_function("document.querySelectorAll('circle.train').length >= 3",
+                           timeout=120_000)
+    seen = page.locator("circle.train").count()
+    page.wait_for_function(f"document.querySelectorAll('circle.train').length > {seen}")
+    page.reload()  # the page holds no state: it attaches to the server's again
+    page.wait_for_function(f"document.querySelectorAll('circle.train').length > {seen}")
+    page.click("#pause")
+    page.wait_for_function("(document.querySelector('#job-status') || {}).textContent === 'paused'",
+                           timeout=60_000)
+    page.click("#resume")
+    page.wait_for_function("['queued', 'running'].includes("
+                           "(document.querySelector('#job-status') || {}).textContent)")
+    page.click("#cancel")
+    page.wait_for_function("(document.querySelector('#job-status') || {}).textContent === 'cancelled'",
+                           timeout=60_000)
+    page.goto(page.root + "/#/jobs")
+    page.wait_for_selector("tr.job")
+    assert job.id in page.inner_text("table.jobs")
+
+
+def test_the_shell_is_public_but_the_data_needs_the_key(tmp_path_factory, tiny_model_dir):
+    from serving import raw
+
+    srv = make_server(tmp_path_factory.mktemp("dash-keys"), tiny_model_dir,
+                      api_keys=["sk-dash"]).start()
+    try:
+        root = srv.url.removesuffix("/v1")
+        status, body = raw("GET", root + "/")
+        assert status == 200 and b"/ui/app.js" in body
+        assert raw("GET", root + "/ui/app.js")[0] == 200
+        assert raw("GET", root + "/ui/../serve.yaml")[0] == 404
+        assert raw("GET", srv.url + "/fine_tuning/jobs")[0] == 401
+        assert raw("GET", srv.url + "/fine_tuning/jobs", key="sk-dash")[0] == 200
+    finally:
+        srv.stop()
