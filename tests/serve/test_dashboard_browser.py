@@ -109,3 +109,30 @@ def test_the_shell_is_public_but_the_data_needs_the_key(tmp_path_factory, tiny_m
         assert raw("GET", srv.url + "/fine_tuning/jobs", key="sk-dash")[0] == 200
     finally:
         srv.stop()
+
+
+def test_the_playground_streams_two_models_side_by_side(page, dash, tmp_path):
+    client = dash.client()
+    data = _jsonl(tmp_path / "train.jsonl", chat_records(16))
+    uploaded = client.files.create(file=open(data, "rb"), purpose="fine-tune")
+    from serving import wait_for
+
+    job = wait_for(client, client.fine_tuning.jobs.create(
+        training_file=uploaded.id, model="tiny", hyperparameters={"n_epochs": 1}).id)
+    assert job.status == "succeeded", job.error
+    page.goto(page.root + "/#/models")
+    page.wait_for_selector("tr.model")
+    assert job.fine_tuned_model in page.inner_text("table.models")
+    page.goto(page.root + "/#/playground")
+    page.wait_for_selector("#run")
+    for box in page.locator("input[name=model]").all():
+        box.set_checked(box.get_attribute("value") in ("tiny", job.fine_tuned_model))
+    page.fill("#prompt", "pedido 3 llegó roto")
+    page.fill("#max-tokens", "12")
+    page.click("#run")
+    page.wait_for_function("document.querySelectorAll('.column .answer').length === 2 && "
+                           "[...document.querySelectorAll('.column .answer')]"
+                           ".every(a => a.textContent.length > 0)")
+    page.wait_for_function("!document.querySelector('#run').disabled")
+    titles = page.locator(".column h3").all_inner_texts()
+    assert sorted(titles) == sorted(["tiny", job.fine_tuned_model])

@@ -201,6 +201,85 @@ function dataPage() {
        zone, el("div", { id: "upload-status" }));
 }
 
+// --- models and playground ---------------------------------------------------------------------
+async function modelsPage() {
+  const list = await api("/v1/models");
+  show(el("h1", {}, "Models"),
+       el("table", { class: "models" },
+         el("tr", {}, ["model", "owned by", "created", ""].map((h) => el("th", {}, h))),
+         list.data.map((m) => el("tr", { class: "model" }, el("td", {}, el("code", {}, m.id)),
+           el("td", {}, m.owned_by), el("td", {}, when(m.created)),
+           el("td", {}, el("a", { href: "#/playground/" + encodeURIComponent(m.id) },
+                           "try it"))))));
+}
+
+async function streamAnswer(model, messages, settings, out) {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: { Authorization: "Bearer " + key(), "Content-Type": "application/json" },
+    body: JSON.stringify(Object.assign({ model, messages, stream: true }, settings)) });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error((body.error && body.error.message) || response.statusText);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    const lines = buffer.split("\n");
+    buffer = lines.pop();
+    for (const line of lines) {
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const chunk = JSON.parse(line.slice(6));
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) out.append(delta.content);
+    }
+  }
+}
+
+async function playgroundPage(preselected) {
+  const list = await api("/v1/models");
+  const picks = list.data.map((m, i) => el("label", { class: "pick" },
+    el("input", { type: "checkbox", value: m.id, name: "model" }), " ", m.id));
+  picks.forEach((label, i) => {
+    const box = label.firstChild;
+    box.checked = preselected ? box.value === preselected || i === 0 : i < 2;
+  });
+  const system = el("textarea", { id: "system", rows: 2, placeholder: "system prompt (optional)" });
+  const prompt = el("textarea", { id: "prompt", rows: 3, placeholder: "your message" });
+  const temperature = el("input", { id: "temperature", type: "number", min: 0, max: 2, step: 0.1,
+                                    value: 0 });
+  const maxTokens = el("input", { id: "max-tokens", type: "number", min: 1, max: 2048,
+                                  value: 128 });
+  const columns = el("div", { class: "columns", id: "columns" });
+  const run = el("button", { id: "run" }, "Run");
+  run.addEventListener("click", async () => {
+    const chosen = picks.map((p) => p.firstChild).filter((b) => b.checked).map((b) => b.value);
+    const messages = (system.value.trim() ? [{ role: "system", content: system.value }] : [])
+      .concat([{ role: "user", content: prompt.value }]);
+    const settings = { temperature: Number(temperature.value),
+                       max_tokens: Number(maxTokens.value) };
+    columns.replaceChildren(...chosen.map((model) => el("div", { class: "column" },
+      el("h3", {}, model), el("div", { class: "answer" }))));
+    run.disabled = true;
+    await Promise.all(chosen.map((model, i) => {
+      const out = columns.children[i].querySelector(".answer");
+      return streamAnswer(model, messages, settings, out)
+        .catch((error) => out.replaceChildren(failure(error)));
+    }));
+    run.disabled = false;
+  });
+  show(el("h1", {}, "Playground"),
+       el("p", {}, "One prompt, answered by each chosen model side by side, streamed."),
+       el("div", { class: "picks" }, picks), system, prompt,
+       el("p", {}, el("label", {}, "temperature ", temperature), "  ",
+          el("label", {}, "max tokens ", maxTokens), "  ", run),
+       columns);
+}
+
 // --- routing --------------------------------------------------------------------------------------
 async function route() {
   clearTimeout(timer);
@@ -211,6 +290,8 @@ async function route() {
   }
   try {
     if (page === "data") dataPage();
+    else if (page === "models") await modelsPage();
+    else if (page === "playground") await playgroundPage(id ? decodeURIComponent(id) : null);
     else if (page === "jobs" && id) await jobPage(id);
     else await jobsPage();
   } catch (error) {
