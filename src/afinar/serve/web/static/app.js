@@ -37,7 +37,7 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-function show(...nodes) { view().replaceChildren(...nodes); }
+function show(...nodes) { view().replaceChildren(...nodes.filter((n) => n !== null)); }
 function failure(error) { return el("p", { class: "error" }, String(error.message || error)); }
 function when(seconds) { return seconds ? new Date(seconds * 1000).toLocaleString() : "–"; }
 
@@ -90,12 +90,18 @@ function chart(points, logScale) {
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
   const sx = (x) => pad + (x - x0) / (x1 - x0) * (W - 2 * pad);
   const sy = (y) => H - pad + (f(y) - y0) / (y1 - y0) * (2 * pad - H);
-  for (const [label, yy] of [[y1, pad], [y0, H - pad]]) {
+  const label = (x, y, content, anchor = "start") => {
     const text = document.createElementNS(ns, "text");
-    text.setAttribute("x", 4); text.setAttribute("y", yy + 4);
-    text.textContent = (logScale ? Math.pow(10, label) : label).toFixed(3);
+    text.setAttribute("x", x); text.setAttribute("y", y);
+    text.setAttribute("text-anchor", anchor);
+    text.textContent = content;
     svg.append(text);
+  };
+  for (const [value, yy] of [[y1, pad], [y0, H - pad]]) {
+    label(4, yy + 4, (logScale ? Math.pow(10, value) : value).toFixed(3));
   }
+  label(pad, H - pad + 16, `step ${x0}`);
+  label(W - pad, H - pad + 16, `step ${x1}`, "end");
   for (const [name, series] of [["train", points.train], ["valid", points.valid]]) {
     if (!series.length) continue;
     const line = document.createElementNS(ns, "polyline");
