@@ -89,6 +89,9 @@ def test_a_job_page_draws_its_curve_live_reattaches_and_pauses(page, dash, tmp_p
     page.click("#cancel")
     page.wait_for_function("(document.querySelector('#job-status') || {}).textContent === 'cancelled'",
                            timeout=60_000)
+    # Each saved checkpoint is listed, and links to the playground with it chosen.
+    page.wait_for_selector("li.checkpoint")
+    assert ":ckpt-step-" in page.inner_text("ul.checkpoints")
     page.goto(page.root + "/#/jobs")
     page.wait_for_selector("tr.job")
     assert job.id in page.inner_text("table.jobs")

@@ -119,9 +119,10 @@ function chart(points, logScale) {
 }
 
 async function jobPage(id) {
-  const [job, events] = await Promise.all([
+  const [job, events, checkpoints] = await Promise.all([
     api("/v1/fine_tuning/jobs/" + id),
-    api(`/v1/fine_tuning/jobs/${id}/events?limit=1000`)]);
+    api(`/v1/fine_tuning/jobs/${id}/events?limit=1000`),
+    api(`/v1/fine_tuning/jobs/${id}/checkpoints?limit=100`)]);
   const logScale = sessionStorage.getItem("afinar-log-scale") === "1";
   const act = (what) => async () => {
     try { await api(`/v1/fine_tuning/jobs/${id}/${what}`, { method: "POST" }); }
@@ -149,6 +150,14 @@ async function jobPage(id) {
        el("p", { class: "legend" }, el("span", { class: "train" }, "— training"), "  ",
           el("span", { class: "valid" }, "— held-out")),
        chart(points, logScale),
+       el("h2", {}, "Checkpoints"),
+       checkpoints.data.length ? el("ul", { class: "checkpoints" }, checkpoints.data.map((c) =>
+         el("li", { class: "checkpoint" }, `step ${c.step_number}: `,
+            el("a", { href: "#/playground/" + encodeURIComponent(c.fine_tuned_model_checkpoint) },
+               c.fine_tuned_model_checkpoint),
+            typeof c.metrics.train_loss === "number"
+              ? ` (training loss ${c.metrics.train_loss.toFixed(4)})` : "")))
+         : el("p", {}, "none yet"),
        el("h2", {}, "Events"),
        el("ol", { class: "events" }, events.data.map((e) =>
          el("li", { class: e.level }, el("time", {}, when(e.created_at)), " ", e.message))));
@@ -248,8 +257,10 @@ async function streamAnswer(model, messages, settings, out) {
 
 async function playgroundPage(preselected) {
   const list = await api("/v1/models");
-  const picks = list.data.map((m, i) => el("label", { class: "pick" },
-    el("input", { type: "checkbox", value: m.id, name: "model" }), " ", m.id));
+  const ids = list.data.map((m) => m.id);
+  if (preselected && !ids.includes(preselected)) ids.push(preselected);  // a checkpoint
+  const picks = ids.map((id) => el("label", { class: "pick" },
+    el("input", { type: "checkbox", value: id, name: "model" }), " ", id));
   picks.forEach((label, i) => {
     const box = label.firstChild;
     box.checked = preselected ? box.value === preselected || i === 0 : i < 2;
