@@ -94,6 +94,11 @@ def main() -> int:
                 page.wait_for_function("(document.querySelector('#verdict') || "
                                        "{textContent: ''}).textContent.includes('sft.jsonl')")
                 shot("data")
+                page.goto(root + "/#/new")
+                page.wait_for_selector("#new-job")
+                page.select_option("#job-method", "dpo")
+                page.fill("#job-n_epochs", "2")
+                shot("new-job")
                 page.goto(root + "/#/jobs/" + job.id)
                 page.wait_for_function("document.querySelectorAll('circle.train').length >= 3",
                                        timeout=600_000)

@@ -139,3 +139,29 @@ def test_the_playground_streams_two_models_side_by_side(page, dash, tmp_path):
     page.wait_for_function("!document.querySelector('#run').disabled")
     titles = page.locator(".column h3").all_inner_texts()
     assert sorted(titles) == sorted(["tiny", job.fine_tuned_model])
+
+
+def test_a_new_job_from_the_page_with_help_and_equivalent_code(page, dash, tmp_path):
+    client = dash.client()
+    data = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"pedido {i}", "chosen": f"Prioridad: alta {i}", "rejected": f"lo siento {i}"}
+        for i in range(16)])
+    uploaded = client.files.create(file=open(data, "rb"), purpose="fine-tune")
+    page.goto(page.root + "/#/new")
+    page.wait_for_selector("#new-job")
+    page.select_option("select[name=training_file]", uploaded.id)
+    page.select_option("select[name=model]", "tiny")
+    page.select_option("#job-method", "dpo")
+    assert "Passes over the data" in page.inner_text("[data-for=n_epochs]")  # the config's text
+    assert page.is_visible("[data-for=beta]") and not page.is_visible("[data-for=lambda]")
+    page.fill("#job-n_epochs", "1")
+    page.fill("#job-beta", "0.2")
+    code = page.inner_text("#equivalent")
+    assert "afinar train --data FILE.jsonl --model tiny --method dpo --epochs 1" in code
+    assert "--set dpo.beta=0.2" in code and "client.fine_tuning.jobs.create" in code
+    page.click("#create")
+    page.wait_for_function("location.hash.startsWith('#/jobs/ftjob-')")
+    job_id = page.evaluate("location.hash.split('/')[2]")
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.training_file == uploaded.id

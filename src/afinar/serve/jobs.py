@@ -52,6 +52,23 @@ def effective_hyperparameters(job: dict) -> dict:
     return merged
 
 
+def settings_help() -> dict:
+    """Each job hyperparameter with the description of the training setting it sets (the typed
+    config's own text), and its accepted range: the dashboard's help for a new job."""
+    from afinar.config import DpoSettings, OrpoSettings
+
+    fields = TrainConfig.model_fields
+    text = {"n_epochs": fields["epochs"].description,
+            "batch_size": fields["batch_size"].description,
+            "learning_rate_multiplier": fields["learning_rate_multiplier"].description,
+            "beta": DpoSettings.model_fields["beta"].description,
+            "lambda": OrpoSettings.model_fields["lambda_"].description}
+    return {"method": fields["objective"].description,
+            "hyperparameters": {name: {"description": text[name], "low": low, "high": high,
+                                       "integer": kind is int}
+                                for name, (kind, low, high) in _RANGES.items()}}
+
+
 def _check_method(method) -> None:
     """400s for what cannot be trained: an unsupported type, settings under another type."""
     if method is None:

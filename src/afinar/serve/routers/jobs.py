@@ -24,6 +24,12 @@ def create(body: JobCreate, background: BackgroundTasks, store: Store = Depends(
     return job_object(job, settings.organization)
 
 
+@router.get("/settings")
+def settings_help():
+    """afinar's extension: what each hyperparameter sets, for the dashboard's New job form."""
+    return job_ops.settings_help()
+
+
 @router.get("")
 def list_jobs(request: Request, after: Optional[str] = None,
               limit: int = Query(20, ge=1, le=100), store: Store = Depends(get_store),

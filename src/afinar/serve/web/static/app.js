@@ -216,6 +216,95 @@ function dataPage() {
        zone, el("div", { id: "upload-status" }));
 }
 
+// --- new job ---------------------------------------------------------------------------------------
+const METHOD_PARAMS = { supervised: [], dpo: ["beta"], orpo: ["lambda"] };
+
+function jobRequest(form) {
+  const method = form.method.value;
+  const hyper = {};
+  for (const name of ["n_epochs", "batch_size", "learning_rate_multiplier",
+                      ...METHOD_PARAMS[method]]) {
+    const value = form[name].value.trim();
+    if (value && value !== "auto") hyper[name] = Number(value);
+  }
+  const body = { model: form.model.value, training_file: form.training_file.value,
+                 method: { type: method, [method]: { hyperparameters: hyper } } };
+  if (form.suffix.value.trim()) body.suffix = form.suffix.value.trim();
+  return body;
+}
+
+function equivalents(body) {
+  const json = JSON.stringify(body, null, 2);
+  const python = "from openai import OpenAI\n" +
+    `client = OpenAI(base_url="${location.origin}/v1", api_key="YOUR_KEY")\n` +
+    `job = client.fine_tuning.jobs.create(**${JSON.stringify(body, null, 4)})`;
+  const curl = `curl ${location.origin}/v1/fine_tuning/jobs -H "Authorization: Bearer YOUR_KEY" ` +
+    `-H "Content-Type: application/json" -d '${JSON.stringify(body)}'`;
+  const h = body.method[body.method.type].hyperparameters;
+  const cli = ["afinar train --data FILE.jsonl --model " + body.model,
+               body.method.type === "supervised" ? "" : "--method " + body.method.type,
+               h.n_epochs ? "--epochs " + h.n_epochs : "",
+               h.batch_size ? "--set batch_size=" + h.batch_size : "",
+               h.learning_rate_multiplier ? "--set learning_rate_multiplier=" +
+                 h.learning_rate_multiplier : "",
+               h.beta ? "--set dpo.beta=" + h.beta : "",
+               h.lambda ? "--set orpo.lambda=" + h.lambda : ""].filter(Boolean).join(" ");
+  return { curl, python, cli, json };
+}
+
+async function newJobPage() {
+  const [files, models, help] = await Promise.all([
+    api("/v1/files?purpose=fine-tune"), api("/v1/models"),
+    api("/v1/fine_tuning/jobs/settings")]);
+  const field = (name, input) => {
+    const info = help.hyperparameters[name];
+    return el("p", { class: "field", "data-for": name }, el("label", {}, name + " ", input),
+              el("small", { class: "help" }, info ? `${info.description} ` +
+                `(${info.low}–${info.high}, or auto)` : ""));
+  };
+  const number = (name) => el("input", { name, id: "job-" + name, placeholder: "auto",
+                                         size: 8 });
+  const form = el("form", { id: "new-job" },
+    el("p", {}, el("label", {}, "training file ", el("select", { name: "training_file" },
+      files.data.map((f) => el("option", { value: f.id }, `${f.filename} (${f.id})`))))),
+    el("p", {}, el("label", {}, "start from ", el("select", { name: "model" },
+      models.data.map((m) => el("option", { value: m.id }, m.id))))),
+    el("p", {}, el("label", {}, "method ", el("select", { name: "method", id: "job-method" },
+      ["supervised", "dpo", "orpo"].map((m) => el("option", { value: m }, m)))),
+      el("small", { class: "help" }, " " + help.method)),
+    field("n_epochs", number("n_epochs")), field("batch_size", number("batch_size")),
+    field("learning_rate_multiplier", number("learning_rate_multiplier")),
+    field("beta", number("beta")), field("lambda", number("lambda")),
+    el("p", {}, el("label", {}, "suffix ", el("input", { name: "suffix", size: 16 }))),
+    el("p", {}, el("button", { type: "submit", id: "create" }, "Create job")));
+  const code = el("pre", { id: "equivalent" });
+  const refresh = () => {
+    const method = form.method.value;
+    for (const name of ["beta", "lambda"]) {
+      form.querySelector(`[data-for=${name}]`).hidden = !METHOD_PARAMS[method].includes(name);
+    }
+    const e = equivalents(jobRequest(form));
+    code.textContent = `# CLI\n${e.cli}\n\n# Python (openai)\n${e.python}\n\n# curl\n${e.curl}`;
+  };
+  form.addEventListener("input", refresh);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const job = await api("/v1/fine_tuning/jobs", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(jobRequest(form)) });
+      location.hash = "#/jobs/" + job.id;
+    } catch (error) {
+      form.append(failure(error));
+    }
+  });
+  show(el("h1", {}, "New fine-tuning job"),
+       files.data.length ? form : el("p", {}, "Upload a training file on the Data page first."),
+       files.data.length ? el("h2", {}, "The same job from code") : null,
+       files.data.length ? code : null);
+  if (files.data.length) refresh();
+}
+
 // --- models and playground ---------------------------------------------------------------------
 async function modelsPage() {
   const list = await api("/v1/models");
@@ -307,6 +396,7 @@ async function route() {
   }
   try {
     if (page === "data") dataPage();
+    else if (page === "new") await newJobPage();
     else if (page === "models") await modelsPage();
     else if (page === "playground") await playgroundPage(id ? decodeURIComponent(id) : null);
     else if (page === "jobs" && id) await jobPage(id);
