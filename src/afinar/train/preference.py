@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from afinar.data.tokenize import IGNORE
-from afinar.train.losses import token_log_probs
+from afinar.train.losses import SupervisedLoss, token_log_probs
 
 # Two rewards closer than this (in nats of log-ratio) are a tie, not a win: at step 0 the policy
 # is the reference, and the reference's log-probs were computed in other batches, whose padding
@@ -22,17 +22,10 @@ from afinar.train.losses import token_log_probs
 TIE_TOLERANCE = 1e-3
 
 
-class AnswerLogProbs(torch.nn.Module):
-    """Wraps a causal LM (plain or peft): forward returns, per sequence, the summed log-prob of
-    its answer tokens and their number. One nn.Module, so accelerate/DDP wrap it as SFT's."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._backbone = [base.get_decoder()]  # lists: keep them out of the module tree
-        self._head = [base.get_output_embeddings()]
-        self.softcap = getattr(base.config, "final_logit_softcapping", None)
+class AnswerLogProbs(SupervisedLoss):
+    """Wraps a causal LM (plain or peft) as SupervisedLoss does (same backbone, head and
+    softcap): forward returns, per sequence, the summed log-prob of its answer tokens and their
+    number. One nn.Module, so accelerate/DDP wrap it as SFT's."""
 
     def forward(self, input_ids, attention_mask, labels, **_ignored):
         hidden = self._backbone[0](input_ids=input_ids, attention_mask=attention_mask,
