@@ -19,7 +19,10 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory, tiny_model_dir):
-    srv = make_server(tmp_path_factory.mktemp("dash"), tiny_model_dir).start()
+    # No held-out split: early stopping could otherwise end the long job of the pause/cancel
+    # test on its own between two clicks (it did, once, on a slower CI machine).
+    srv = make_server(tmp_path_factory.mktemp("dash"), tiny_model_dir,
+                      held_out_fraction=0).start()
     yield srv
     srv.stop()
 
@@ -69,7 +72,8 @@ def test_a_bad_upload_shows_its_line_errors_and_a_good_one_its_examples(page, tm
 
 def test_a_job_page_draws_its_curve_live_reattaches_and_pauses(page, dash, tmp_path):
     client = dash.client()
-    data = _jsonl(tmp_path / "train.jsonl", chat_records(24))
+    # 10,000 steps: far more than the test lives, so only the page's buttons can end it.
+    data = _jsonl(tmp_path / "train.jsonl", chat_records(200))
     uploaded = client.files.create(file=open(data, "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(training_file=uploaded.id, model="tiny",
                                          hyperparameters={"n_epochs": 50, "batch_size": 1})

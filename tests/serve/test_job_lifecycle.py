@@ -60,11 +60,17 @@ def test_pause_resume_cancel_and_restarts(tmp_path, tiny_model_dir):
         time.sleep(1)
         client.fine_tuning.jobs.pause(a.id)
         assert wait_for(client, a.id, statuses=("paused",)).status == "paused"
+        # The pause checkpointed the step it stopped at, so resuming loses no step.
+        paused = next(m for m in _messages(client, a.id) if m.startswith("Fine-tuning job paused"))
+        paused_step = int(paused.split("at step ")[1].split(";")[0])
+        steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(a.id, limit=10)]
+        assert paused_step in steps, (paused, steps)
         assert wait_for(client, b.id).status == "succeeded"
         client.fine_tuning.jobs.resume(a.id)
         a_done = wait_for(client, a.id)
         assert a_done.status == "succeeded", a_done.error
-        assert len([m for m in _messages(client, a.id) if "resumed from" in m]) >= 2
+        resumed = [m for m in _messages(client, a.id) if "resumed from" in m]
+        assert len(resumed) >= 2 and f"step {paused_step}" in resumed[0], resumed
         assert client.fine_tuning.jobs.retrieve(c.id).status == "cancelled"
     finally:
         srv.stop()

@@ -36,6 +36,14 @@ class StopRequested(KeyboardInterrupt):
         self.kind = kind
 
 
+class PauseRequested(StopRequested, ckpt.SaveThenStop):
+    """A pause: at a step, the loop first checkpoints that step, so resuming loses nothing."""
+
+    def __init__(self, step: int):
+        super().__init__("pause")
+        self.step = step
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -116,15 +124,18 @@ class _JobEvents:
             self.store.add_event(job_id, event["message"], level=level)
         elif kind == "eval_phase":
             self.store.add_event(job_id, "Evaluation: " + event["message"])
-        self._check_requests()
+        self._check_requests(event)
 
-    def _check_requests(self) -> None:
+    def _check_requests(self, event: dict) -> None:
         if time.monotonic() - self.last_check < 0.5:
             return
         self.last_check = time.monotonic()
         row = self.store.job(self.job["id"])
-        if row and row["requested"] in ("cancel", "pause"):
-            raise StopRequested(row["requested"])
+        # A pause is only taken at a step, where the loop can checkpoint before stopping.
+        if row and row["requested"] == "pause" and event["type"] == "step":
+            raise PauseRequested(event["step"])
+        if row and row["requested"] == "cancel":
+            raise StopRequested("cancel")
 
 
 def _preference_metrics(event: dict, source: str, prefix: str) -> dict:
@@ -146,8 +157,9 @@ def run_job(store: Store, settings: ServeSettings, job: dict) -> None:
     except StopRequested as stop:
         if stop.kind == "pause":
             store.update_job(job_id, status="paused", requested=None, estimated_finish=None)
-            store.add_event(job_id, "Fine-tuning job paused; resume continues from the last "
-                            "checkpoint")
+            where = f" at step {stop.step}" if isinstance(stop, PauseRequested) else ""
+            store.add_event(job_id, f"Fine-tuning job paused{where}; resume continues from "
+                            "there")
         else:
             store.update_job(job_id, status="cancelled", requested=None, finished_at=now(),
                              estimated_finish=None)

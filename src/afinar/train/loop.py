@@ -461,8 +461,14 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                       "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
                       "elapsed_s": round(state.elapsed_s + elapsed, 3)}
             metrics.write(record)
-            emit({**record, "type": "step", "total_steps": total_steps,
-                  "eta_s": elapsed / done_steps * (total_steps - state.global_step)})
+            pausing = None
+            try:
+                emit({**record, "type": "step", "total_steps": total_steps,
+                      "eta_s": elapsed / done_steps * (total_steps - state.global_step)})
+            except ckpt.SaveThenStop as exc:
+                if world > 1:  # only rank 0 heard it; the checkpoint is a collective
+                    raise
+                pausing = exc
             step_tokens = 0
 
             stop = state.global_step >= total_steps
@@ -474,10 +480,11 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                     say(f"early stopping at step {state.global_step}: held-out loss has not "
                         f"improved for {state.evals_without_improvement} evaluations (best "
                         f"{state.best_eval_loss:.4f} at step {state.best_step})")
-            if state.global_step % save_steps == 0 or stop:  # every rank: shards, RNG states
+            save = state.global_step % save_steps == 0 or stop or pausing is not None
+            if save:  # every rank: shards, RNG states
                 saved_weights, saved_optimizer, saved_rng = sharding.gather_checkpoint(
                     accelerator, loss_model, model, optimizer, run, state.global_step)
-            if main and (state.global_step % save_steps == 0 or stop):
+            if main and save:
                 state_elapsed = state.elapsed_s
                 state.elapsed_s += time.perf_counter() - run_start
                 saved = ckpt.save_checkpoint(run, state, saved_weights, saved_optimizer,
@@ -486,6 +493,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                 emit({"type": "checkpoint", "step": state.global_step, "path": str(saved),
                       "train_loss": last_train_loss})
                 state.elapsed_s = state_elapsed
+            if pausing is not None:
+                raise pausing
             if stop:
                 done = True
                 break
