@@ -10,7 +10,8 @@ from fastapi.responses import Response
 from afinar.serve.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
-_TYPES = {"app.js": "text/javascript", "app.css": "text/css"}
+_TYPES = {"app.css": "text/css", **{name: "text/javascript" for name in (
+    "app.js", "models.js", "compare.js")}}
 # The shell may only load what this package ships (no inline scripts, no other origin).
 _POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
            "connect-src 'self'")

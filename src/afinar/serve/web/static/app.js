@@ -305,18 +305,7 @@ async function newJobPage() {
   if (files.data.length) refresh();
 }
 
-// --- models and playground ---------------------------------------------------------------------
-async function modelsPage() {
-  const list = await api("/v1/models");
-  show(el("h1", {}, "Models"),
-       el("table", { class: "models" },
-         el("tr", {}, ["model", "owned by", "created", ""].map((h) => el("th", {}, h))),
-         list.data.map((m) => el("tr", { class: "model" }, el("td", {}, el("code", {}, m.id)),
-           el("td", {}, m.owned_by), el("td", {}, when(m.created)),
-           el("td", {}, el("a", { href: "#/playground/" + encodeURIComponent(m.id) },
-                           "try it"))))));
-}
-
+// --- playground ---------------------------------------------------------------------------------
 async function streamAnswer(model, messages, settings, out) {
   const response = await fetch("/v1/chat/completions", {
     method: "POST",
@@ -387,20 +376,26 @@ async function playgroundPage(preselected) {
 }
 
 // --- routing --------------------------------------------------------------------------------------
+// Each page is a function of the route's id; pages in other files (models.js, compare.js,
+// rate.js) add themselves to PAGES when they load.
+const PAGES = {
+  data: () => dataPage(),
+  new: () => newJobPage(),
+  playground: (id) => playgroundPage(id),
+  jobs: (id) => (id ? jobPage(id) : jobsPage()),
+};
+
 async function route() {
   clearTimeout(timer);
+  if (typeof stopLive === "function") stopLive();
   const hash = location.hash || "#/jobs";
-  const [, page, id] = hash.split("/");
+  const [, page, ...rest] = hash.split("/");
+  const id = rest.length ? decodeURIComponent(rest.join("/")) : null;
   for (const link of document.querySelectorAll("[data-nav]")) {
     link.classList.toggle("active", link.dataset.nav === page);
   }
   try {
-    if (page === "data") dataPage();
-    else if (page === "new") await newJobPage();
-    else if (page === "models") await modelsPage();
-    else if (page === "playground") await playgroundPage(id ? decodeURIComponent(id) : null);
-    else if (page === "jobs" && id) await jobPage(id);
-    else await jobsPage();
+    await (PAGES[page] || PAGES.jobs)(id);
   } catch (error) {
     show(failure(error));
   }
@@ -413,4 +408,5 @@ document.getElementById("key-form").addEventListener("submit", (e) => {
   route();
 });
 window.addEventListener("hashchange", route);
-route();
+// Deferred scripts (the other pages) have all run before DOMContentLoaded.
+document.addEventListener("DOMContentLoaded", route);
