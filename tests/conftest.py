@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The serve tests' fixtures (`server`, `client`) live in tests/serving.py.
-pytest_plugins = ["serving"]
+# The serve tests' fixtures (`server`, `client`) live in tests/serving.py; the dashboard
+# browser tests' (`dash`, `page`) in tests/browser.py.
+pytest_plugins = ["serving", "browser"]
 BUNDLED = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
 
 # The embedded model's converted copy is cached here across local runs (CI converts it once).

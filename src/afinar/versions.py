@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from afinar import rundir
 from afinar.errors import AfinarError
 from afinar.paths import afinar_home
@@ -240,6 +242,42 @@ def compare_rows(versions: list[Version]) -> list[tuple[str, list]]:
             (evaluated if name in version.eval_metrics else trained).setdefault(name, None)
     names = list(evaluated) + [n for n in trained if n not in evaluated]
     return [(name, [v.metrics.get(name) for v in versions]) for name in names]
+
+
+def config_diff_rows(versions: list[Version]) -> list[tuple[str, list]]:
+    """The settings (dotted names, e.g. `lora.r`) whose values differ between the versions'
+    resolved configs, each with one value per version (None where a version lacks it)."""
+    flat = [_flatten(yaml.safe_load(v.config) or {}) if v.config else {} for v in versions]
+    names = list(dict.fromkeys(name for config in flat for name in config))
+    rows = [(name, [config.get(name) for config in flat]) for name in names]
+    return [(name, values) for name, values in rows if len({json.dumps(v) for v in values}) > 1]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def loss_curves(version: Version) -> dict:
+    """The run's training and held-out losses by step, from its metrics.jsonl."""
+    train, held = {}, {}
+    file = Path(version.path) / rundir.METRICS_FILE
+    if file.is_file():
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill: the rest of the file still counts
+            if record.get("type") == "train" and isinstance(record.get("train_loss"), float):
+                train[record["step"]] = record["train_loss"]
+            elif record.get("type") == "eval" and isinstance(record.get("eval_loss"), float):
+                held[record["step"]] = record["eval_loss"]  # a resumed run may repeat a step
+    return {"train": sorted(train.items()), "eval": sorted(held.items())}
 
 
 def _statements() -> list[str]:

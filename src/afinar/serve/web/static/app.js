@@ -68,19 +68,24 @@ function lossPoints(events) {
   return { train: sorted(train), valid: sorted(valid) };
 }
 
-function chart(points, logScale) {
+// Line charts in inline SVG. `series`: [{cls, points: [[step, loss]...], dots}], each drawn
+// with the CSS class `cls` (colours live in app.css).
+function lineChart(series, logScale) {
   const ns = "http://www.w3.org/2000/svg";
   const W = 720, H = 260, pad = 44;
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("class", "chart");
-  const all = points.train.concat(points.valid);
-  if (!all.length) {
+  const all = series.flatMap((s) => s.points);
+  const label = (x, y, content, anchor = "start") => {
     const text = document.createElementNS(ns, "text");
-    text.setAttribute("x", W / 2); text.setAttribute("y", H / 2);
-    text.setAttribute("text-anchor", "middle");
-    text.textContent = "waiting for the first step…";
+    text.setAttribute("x", x); text.setAttribute("y", y);
+    text.setAttribute("text-anchor", anchor);
+    text.textContent = content;
     svg.append(text);
+  };
+  if (!all.length) {
+    label(W / 2, H / 2, "waiting for the first step…", "middle");
     return svg;
   }
   const f = (y) => (logScale ? Math.log10(Math.max(y, 1e-6)) : y);
@@ -90,32 +95,40 @@ function chart(points, logScale) {
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
   const sx = (x) => pad + (x - x0) / (x1 - x0) * (W - 2 * pad);
   const sy = (y) => H - pad + (f(y) - y0) / (y1 - y0) * (2 * pad - H);
-  const label = (x, y, content, anchor = "start") => {
-    const text = document.createElementNS(ns, "text");
-    text.setAttribute("x", x); text.setAttribute("y", y);
-    text.setAttribute("text-anchor", anchor);
-    text.textContent = content;
-    svg.append(text);
-  };
   for (const [value, yy] of [[y1, pad], [y0, H - pad]]) {
     label(4, yy + 4, (logScale ? Math.pow(10, value) : value).toFixed(3));
   }
   label(pad, H - pad + 16, `step ${x0}`);
   label(W - pad, H - pad + 16, `step ${x1}`, "end");
-  for (const [name, series] of [["train", points.train], ["valid", points.valid]]) {
-    if (!series.length) continue;
+  for (const s of series) {
+    if (!s.points.length) continue;
     const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("class", name);
-    line.setAttribute("points", series.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "));
+    line.setAttribute("class", s.cls);
+    line.setAttribute("points", s.points.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "));
     svg.append(line);
-    for (const [x, y] of series) {
+    for (const [x, y] of s.dots === false ? [] : s.points) {
       const dot = document.createElementNS(ns, "circle");
-      dot.setAttribute("class", name);
+      dot.setAttribute("class", s.cls);
       dot.setAttribute("cx", sx(x)); dot.setAttribute("cy", sy(y)); dot.setAttribute("r", 2.5);
       svg.append(dot);
     }
   }
   return svg;
+}
+
+function chart(points, logScale) {
+  return lineChart([{ cls: "train", points: points.train }, { cls: "valid", points: points.valid }],
+                   logScale);
+}
+
+function logScaleToggle() {
+  const toggle = el("label", {}, el("input", { type: "checkbox", id: "log-scale" }), " log scale");
+  toggle.firstChild.checked = sessionStorage.getItem("afinar-log-scale") === "1";
+  toggle.firstChild.addEventListener("change", (e) => {
+    sessionStorage.setItem("afinar-log-scale", e.target.checked ? "1" : "0");
+    route();
+  });
+  return toggle;
 }
 
 async function jobPage(id) {
@@ -133,12 +146,7 @@ async function jobPage(id) {
   if (job.status === "running") buttons.push(el("button", { id: "pause", onclick: act("pause") }, "Pause"));
   if (job.status === "paused") buttons.push(el("button", { id: "resume", onclick: act("resume") }, "Resume"));
   if (!FINAL.includes(job.status)) buttons.push(el("button", { id: "cancel", onclick: act("cancel") }, "Cancel"));
-  const toggle = el("label", {}, el("input", { type: "checkbox", id: "log-scale" }), " log scale");
-  toggle.firstChild.checked = logScale;
-  toggle.firstChild.addEventListener("change", (e) => {
-    sessionStorage.setItem("afinar-log-scale", e.target.checked ? "1" : "0");
-    route();
-  });
+  const toggle = logScaleToggle();
   const points = lossPoints(events.data);
   show(el("h1", {}, "Job ", el("code", {}, job.id)),
        el("p", {}, el("span", { class: "status " + job.status, id: "job-status" }, job.status),
