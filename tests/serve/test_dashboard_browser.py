@@ -38,10 +38,14 @@ def test_a_job_page_draws_its_curve_live_reattaches_and_pauses(page, dash, tmp_p
     page.goto(page.root + "/#/jobs/" + job.id)
     page.wait_for_function("document.querySelectorAll('circle.train').length >= 3",
                            timeout=120_000)
+    # The points arrive over the server-sent event stream, not by polling.
+    page.wait_for_function("(document.querySelector('#live') || {dataset: {}}).dataset.mode"
+                           " === 'stream'")
     seen = page.locator("circle.train").count()
     page.wait_for_function(f"document.querySelectorAll('circle.train').length > {seen}")
     page.reload()  # the page holds no state: it attaches to the server's again
     page.wait_for_function(f"document.querySelectorAll('circle.train').length > {seen}")
+    assert "learning_rate:" in page.text_content("#job-config pre")  # the frozen config
     page.click("#pause")
     page.wait_for_function("(document.querySelector('#job-status') || {}).textContent === 'paused'",
                            timeout=60_000)

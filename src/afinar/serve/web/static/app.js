@@ -22,6 +22,64 @@ async function api(path, options = {}) {
   return body;
 }
 
+// --- live updates --------------------------------------------------------------------------------
+// Server-sent events read with fetch (EventSource cannot send the API key). Falls back to
+// re-rendering the page every second when the stream cannot be opened or breaks.
+let live = null;  // the AbortController of the open stream
+
+function stopLive() {
+  if (live) { live.abort(); live = null; }
+}
+
+async function readEvents(response, onMessage) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", message = { event: "message", data: "", id: null };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    const lines = buffer.split("\n");
+    buffer = lines.pop();
+    for (const line of lines) {
+      if (line === "") {
+        if (message.data) onMessage(message);
+        message = { event: "message", data: "", id: null };
+      } else if (!line.startsWith(":")) {  // ":" starts a comment (a keep-alive)
+        const at = line.indexOf(":");
+        const field = at < 0 ? line : line.slice(0, at);
+        const value = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
+        if (field === "data") message.data += (message.data ? "\n" : "") + value;
+        else if (field === "event") message.event = value;
+        else if (field === "id") message.id = value;
+      }
+    }
+  }
+}
+
+async function follow(path, handlers, badge) {
+  stopLive();
+  const controller = new AbortController();
+  live = controller;
+  const fallBack = () => {
+    if (controller.signal.aborted) return;
+    badge.textContent = "updating every second";
+    badge.dataset.mode = "polling";
+    timer = setTimeout(route, 1000);
+  };
+  try {
+    const response = await fetch(path, { signal: controller.signal,
+                                         headers: { Authorization: "Bearer " + key() } });
+    if (!response.ok) return fallBack();
+    badge.textContent = "● live";
+    badge.dataset.mode = "stream";
+    await readEvents(response, (m) => handlers[m.event] && handlers[m.event](JSON.parse(m.data)));
+  } catch (error) {
+    return fallBack();
+  }
+  fallBack();  // the stream ended without the page moving on (a server restart, say)
+}
+
 // --- small DOM helpers ----------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -131,11 +189,26 @@ function logScaleToggle() {
   return toggle;
 }
 
+function checkpointList(checkpoints) {
+  return checkpoints.length ? el("ul", { class: "checkpoints" }, checkpoints.map((c) =>
+    el("li", { class: "checkpoint" }, `step ${c.step_number}: `,
+       el("a", { href: "#/playground/" + encodeURIComponent(c.fine_tuned_model_checkpoint) },
+          c.fine_tuned_model_checkpoint),
+       typeof c.metrics.train_loss === "number"
+         ? ` (training loss ${c.metrics.train_loss.toFixed(4)})` : "")))
+    : el("p", {}, "none yet");
+}
+
+function eventItem(e) {
+  return el("li", { class: e.level }, el("time", {}, when(e.created_at)), " ", e.message);
+}
+
 async function jobPage(id) {
-  const [job, events, checkpoints] = await Promise.all([
+  const [job, events, checkpoints, config] = await Promise.all([
     api("/v1/fine_tuning/jobs/" + id),
     api(`/v1/fine_tuning/jobs/${id}/events?limit=1000`),
-    api(`/v1/fine_tuning/jobs/${id}/checkpoints?limit=100`)]);
+    api(`/v1/fine_tuning/jobs/${id}/checkpoints?limit=100`),
+    api(`/v1/fine_tuning/jobs/${id}/config`).catch(() => null)]);
   const logScale = sessionStorage.getItem("afinar-log-scale") === "1";
   const act = (what) => async () => {
     try { await api(`/v1/fine_tuning/jobs/${id}/${what}`, { method: "POST" }); }
@@ -146,30 +219,45 @@ async function jobPage(id) {
   if (job.status === "running") buttons.push(el("button", { id: "pause", onclick: act("pause") }, "Pause"));
   if (job.status === "paused") buttons.push(el("button", { id: "resume", onclick: act("resume") }, "Resume"));
   if (!FINAL.includes(job.status)) buttons.push(el("button", { id: "cancel", onclick: act("cancel") }, "Cancel"));
-  const toggle = logScaleToggle();
-  const points = lossPoints(events.data);
+  const all = events.data;  // newest first, as the API lists them
+  const chartBox = el("div", {}, chart(lossPoints(all), logScale));
+  const checkpointBox = el("div", {}, checkpointList(checkpoints.data));
+  const eventList = el("ol", { class: "events" }, all.map(eventItem));
+  const mode = el("small", { id: "live", class: "live" });
   show(el("h1", {}, "Job ", el("code", {}, job.id)),
        el("p", {}, el("span", { class: "status " + job.status, id: "job-status" }, job.status),
           ` · ${job.model} · ${job.method ? job.method.type : "supervised"}`,
-          job.fine_tuned_model ? ` · ${job.fine_tuned_model}` : ""),
+          job.fine_tuned_model ? ` · ${job.fine_tuned_model}` : "", " ", mode),
        job.error ? el("p", { class: "error" }, job.error.message) : null,
        el("div", { class: "actions" }, buttons),
-       el("h2", {}, "Loss"), toggle,
+       el("h2", {}, "Loss"), logScaleToggle(),
        el("p", { class: "legend" }, el("span", { class: "train" }, "— training"), "  ",
           el("span", { class: "valid" }, "— held-out")),
-       chart(points, logScale),
-       el("h2", {}, "Checkpoints"),
-       checkpoints.data.length ? el("ul", { class: "checkpoints" }, checkpoints.data.map((c) =>
-         el("li", { class: "checkpoint" }, `step ${c.step_number}: `,
-            el("a", { href: "#/playground/" + encodeURIComponent(c.fine_tuned_model_checkpoint) },
-               c.fine_tuned_model_checkpoint),
-            typeof c.metrics.train_loss === "number"
-              ? ` (training loss ${c.metrics.train_loss.toFixed(4)})` : "")))
-         : el("p", {}, "none yet"),
-       el("h2", {}, "Events"),
-       el("ol", { class: "events" }, events.data.map((e) =>
-         el("li", { class: e.level }, el("time", {}, when(e.created_at)), " ", e.message))));
-  if (!FINAL.includes(job.status)) timer = setTimeout(route, 1000);
+       chartBox,
+       el("h2", {}, "Checkpoints"), checkpointBox,
+       el("h2", {}, "Events"), eventList,
+       config && config.config ? el("details", { id: "job-config" }, el("summary", {}, "Frozen config (the run's config.yaml)"),
+                   el("pre", { class: "config" }, config.config)) : null);
+  if (FINAL.includes(job.status)) return;
+  // Live: new events arrive over the server-sent event stream; a chart redraw is throttled.
+  let drawn = 0, checkpointsAt = Date.now();
+  const redraw = () => {
+    drawn = 0;
+    chartBox.replaceChildren(chart(lossPoints(all), logScale));
+  };
+  follow(`/v1/fine_tuning/jobs/${id}/events/stream` + (all.length ? "?after=" + all[0].id : ""), {
+    event: (e) => {
+      all.unshift(e);
+      eventList.prepend(eventItem(e));
+      if (!drawn) drawn = setTimeout(redraw, 200);
+      if (Date.now() - checkpointsAt > 3000) {
+        checkpointsAt = Date.now();
+        api(`/v1/fine_tuning/jobs/${id}/checkpoints?limit=100`)
+          .then((c) => checkpointBox.replaceChildren(checkpointList(c.data))).catch(() => {});
+      }
+    },
+    job: (j) => { if (j.status !== job.status) route(); },
+  }, mode);
 }
 
 // --- data ---------------------------------------------------------------------------------------
@@ -323,22 +411,12 @@ async function streamAnswer(model, messages, settings, out) {
     const body = await response.json().catch(() => ({}));
     throw new Error((body.error && body.error.message) || response.statusText);
   }
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    const lines = buffer.split("\n");
-    buffer = lines.pop();
-    for (const line of lines) {
-      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-      const chunk = JSON.parse(line.slice(6));
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-      if (delta && delta.content) out.append(delta.content);
-    }
-  }
+  await readEvents(response, (m) => {
+    if (m.data === "[DONE]") return;
+    const chunk = JSON.parse(m.data);
+    const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+    if (delta && delta.content) out.append(delta.content);
+  });
 }
 
 async function playgroundPage(preselected) {
@@ -395,7 +473,7 @@ const PAGES = {
 
 async function route() {
   clearTimeout(timer);
-  if (typeof stopLive === "function") stopLive();
+  stopLive();
   const hash = location.hash || "#/jobs";
   const [, page, ...rest] = hash.split("/");
   const id = rest.length ? decodeURIComponent(rest.join("/")) : null;
