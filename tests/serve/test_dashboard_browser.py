@@ -122,12 +122,23 @@ def test_a_new_job_from_the_page_with_help_and_equivalent_code(page, dash, tmp_p
     assert page.is_visible("[data-for=beta]") and not page.is_visible("[data-for=lambda]")
     page.fill("#job-n_epochs", "1")
     page.fill("#job-beta", "0.2")
+    # Advanced: every other setting, with the typed config's description.
+    page.click("#advanced summary")
+    assert "Rank of the low-rank update" in page.inner_text("#advanced")
+    page.fill("[data-setting='lora.r']", "8")
+    page.select_option("[data-setting='lr_scheduler']", '"constant"')
+    page.select_option("[data-setting='dpo.loss']", '"ipo"')
     code = page.inner_text("#equivalent")
     assert "afinar train --data FILE.jsonl --model tiny --method dpo --epochs 1" in code
     assert "--set dpo.beta=0.2" in code and "client.fine_tuning.jobs.create" in code
+    assert "--set lora.r=8 --set dpo.loss=ipo --set lr_scheduler=constant" in code  # form order
+    assert 'extra_body={"settings": {"lora.r":8,"dpo.loss":"ipo","lr_scheduler":"constant"}}' \
+        in code
     page.click("#create")
     page.wait_for_function("location.hash.startsWith('#/jobs/ftjob-')")
     job_id = page.evaluate("location.hash.split('/')[2]")
     job = client.fine_tuning.jobs.retrieve(job_id)
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.model_extra["settings"] == {"lora": {"r": 8}, "lr_scheduler": "constant",
+                                           "dpo": {"loss": "ipo"}}
     assert job.training_file == uploaded.id

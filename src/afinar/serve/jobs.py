@@ -13,11 +13,13 @@ import re
 from pathlib import Path
 
 from afinar import rundir
-from afinar.config import TrainConfig
+from afinar.config import TrainConfig, _merge, build_config
+from afinar.errors import AfinarError
 from afinar.data.formats import format_family
 from afinar.data.validate import load_examples
 from afinar.serve.errors import ApiError, not_found
 from afinar.serve.ids import new_id, now
+from afinar.serve.job_settings import advanced_help, nested_settings
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
 
@@ -63,7 +65,7 @@ def settings_help() -> dict:
             "learning_rate_multiplier": fields["learning_rate_multiplier"].description,
             "beta": DpoSettings.model_fields["beta"].description,
             "lambda": OrpoSettings.model_fields["lambda_"].description}
-    return {"method": fields["objective"].description,
+    return {"method": fields["objective"].description, "settings": advanced_help(),
             "hyperparameters": {name: {"description": text[name], "low": low, "high": high,
                                        "integer": kind is int}
                                 for name, (kind, low, high) in _RANGES.items()}}
@@ -138,7 +140,7 @@ def create_job(store: Store, settings: ServeSettings, request) -> dict:
                        param="suffix")
     hp = request.hyperparameters.model_dump(exclude_none=True) if request.hyperparameters else {}
     job_id = new_id("ftjob-")
-    row = store.add_job({
+    values = {
         "id": job_id, "model": request.model, "base_spec": base_spec,
         "training_file": request.training_file, "validation_file": request.validation_file,
         "hyperparameters": hp, "method": request.method.model_dump(exclude_none=True,
@@ -146,7 +148,15 @@ def create_job(store: Store, settings: ServeSettings, request) -> dict:
         if request.method else None, "suffix": request.suffix,
         "seed": request.seed if request.seed is not None else 42, "metadata": request.metadata,
         "status": "validating_files", "result_files": [],
-        "run_dir": str(settings.state_dir() / "runs" / job_id)})
+        "run_dir": str(settings.state_dir() / "runs" / job_id),
+        "settings": nested_settings(request.settings) or None}
+    if values["settings"]:  # checked now, as `afinar train` would, not when the job runs
+        try:
+            train_config(store, settings, values)
+        except AfinarError as exc:
+            raise ApiError(400, "settings: " + exc.message.replace("invalid config (job):\n  ",
+                                                                     ""), param="settings")
+    row = store.add_job(values)
     store.update_job(job_id, model_name=model_name(row, settings.organization))
     store.add_event(job_id, f"Created fine-tuning job: {job_id}")
     return store.job(job_id)
@@ -239,20 +249,20 @@ def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfi
     """What `afinar train` would be given for this job. OpenAI's learning_rate_multiplier
     scales afinar's auto learning rate (which depends on the model's size)."""
     hp = effective_hyperparameters(job)
-    values = {
+    values = _merge({"keep_checkpoints": 3}, job.get("settings") or {})  # the job's own win
+    values.update({
         "data": str(store.file_path(job["training_file"])), "model": job["base_spec"],
-        "output": job["run_dir"], "seed": job["seed"], "keep_checkpoints": 3,
-        "evaluate": settings.evaluate_jobs,
-    }
+        "output": job["run_dir"], "seed": job["seed"], "evaluate": settings.evaluate_jobs,
+    })
     if job["validation_file"]:
         values["validation_data"] = str(store.file_path(job["validation_file"]))
     else:
         values["held_out_fraction"] = settings.held_out_fraction
     values["objective"] = OBJECTIVES[(job.get("method") or {}).get("type", "supervised")]
     if hp.get("beta") not in (None, "auto"):
-        values["dpo"] = {"beta": float(hp["beta"])}
+        values["dpo"] = {**values.get("dpo", {}), "beta": float(hp["beta"])}
     if hp.get("lambda") not in (None, "auto"):
-        values["orpo"] = {"lambda": float(hp["lambda"])}
+        values["orpo"] = {**values.get("orpo", {}), "lambda": float(hp["lambda"])}
     if hp.get("n_epochs") not in (None, "auto"):
         values["epochs"] = int(hp["n_epochs"])
     if hp.get("batch_size") not in (None, "auto"):
@@ -260,7 +270,7 @@ def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfi
     multiplier = hp.get("learning_rate_multiplier")
     if multiplier not in (None, "auto"):
         values["learning_rate_multiplier"] = float(multiplier)
-    return TrainConfig(**values)
+    return build_config(TrainConfig, values, "job", "see GET /v1/fine_tuning/jobs/settings")
 
 
 def results_csv(run_dir: Path) -> str:

@@ -67,6 +67,8 @@ class JobCreate(_Request):
     suffix: Optional[str] = Field(None, max_length=64)
     seed: Optional[int] = None
     metadata: Optional[dict[str, str]] = None
+    # afinar's extension: any training setting by dotted name (serve/job_settings.py).
+    settings: Optional[dict[str, Any]] = None
 
 
 class ChatMessage(_Request):
@@ -113,6 +115,7 @@ def job_object(row: dict, organization: str) -> dict:
         "training_file": row["training_file"], "validation_file": row["validation_file"],
         "estimated_finish": row["estimated_finish"], "integrations": [],
         "metadata": row["metadata"], "method": method, "suffix": row["suffix"],
+        "settings": row.get("settings") or {},  # afinar's extension
     }
 
 

@@ -326,14 +326,50 @@ function jobRequest(form) {
   const body = { model: form.model.value, training_file: form.training_file.value,
                  method: { type: method, [method]: { hyperparameters: hyper } } };
   if (form.suffix.value.trim()) body.suffix = form.suffix.value.trim();
+  const settings = advancedValues(form);
+  if (Object.keys(settings).length) body.settings = settings;
   return body;
+}
+
+// The Advanced part: every training setting a job may set (afinar's `settings` extension),
+// as the typed config describes it. Only the ones given a value are sent.
+function advancedPart(items) {
+  const rows = items.map((item) => {
+    const input = item.choices
+      ? el("select", { "data-setting": item.name },
+           el("option", { value: "" }, `default (${JSON.stringify(item.default)})`),
+           item.choices.map((c) => el("option", { value: JSON.stringify(c) }, String(c))))
+      : el("input", { "data-setting": item.name, size: 14,
+                      placeholder: item.default === null ? "none" : JSON.stringify(item.default) });
+    return el("tr", { class: "setting" }, el("td", {}, el("code", {}, item.name)),
+              el("td", {}, input), el("td", { class: "help" }, item.description));
+  });
+  return el("details", { id: "advanced" },
+    el("summary", {}, `Advanced: every training setting (${items.length})`),
+    el("p", { class: "help" }, "Empty means the default. Numbers, true/false and JSON lists " +
+       "are read as such; the server checks every value when the job is created."),
+    el("table", { class: "settings" }, rows));
+}
+
+function advancedValues(form) {
+  const out = {};
+  for (const input of form.querySelectorAll("[data-setting]")) {
+    const text = input.value.trim();
+    if (!text) continue;
+    let value = text;
+    try { value = JSON.parse(text); } catch (error) { /* plain text, e.g. cosine */ }
+    out[input.dataset.setting] = value;
+  }
+  return out;
 }
 
 function equivalents(body) {
   const json = JSON.stringify(body, null, 2);
+  const { settings, ...openai } = body;  // settings go in extra_body: the SDK has no such field
   const python = "from openai import OpenAI\n" +
     `client = OpenAI(base_url="${location.origin}/v1", api_key="YOUR_KEY")\n` +
-    `job = client.fine_tuning.jobs.create(**${JSON.stringify(body, null, 4)})`;
+    `job = client.fine_tuning.jobs.create(**${JSON.stringify(openai, null, 4)}` +
+    (settings ? `,\n    extra_body={"settings": ${JSON.stringify(settings)}})` : ")");
   const curl = `curl ${location.origin}/v1/fine_tuning/jobs -H "Authorization: Bearer YOUR_KEY" ` +
     `-H "Content-Type: application/json" -d '${JSON.stringify(body)}'`;
   const h = body.method[body.method.type].hyperparameters;
@@ -344,7 +380,10 @@ function equivalents(body) {
                h.learning_rate_multiplier ? "--set learning_rate_multiplier=" +
                  h.learning_rate_multiplier : "",
                h.beta ? "--set dpo.beta=" + h.beta : "",
-               h.lambda ? "--set orpo.lambda=" + h.lambda : ""].filter(Boolean).join(" ");
+               h.lambda ? "--set orpo.lambda=" + h.lambda : "",
+               ...Object.entries(settings || {}).map(([name, value]) =>
+                 `--set ${name}=${typeof value === "string" ? value : JSON.stringify(value)}`)]
+    .filter(Boolean).join(" ");
   return { curl, python, cli, json };
 }
 
@@ -372,6 +411,7 @@ async function newJobPage() {
     field("learning_rate_multiplier", number("learning_rate_multiplier")),
     field("beta", number("beta")), field("lambda", number("lambda")),
     el("p", {}, el("label", {}, "suffix ", el("input", { name: "suffix", size: 16 }))),
+    advancedPart(help.settings),
     el("p", {}, el("button", { type: "submit", id: "create" }, "Create job")));
   const code = el("pre", { id: "equivalent" });
   const refresh = () => {
