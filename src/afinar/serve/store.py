@@ -35,9 +35,15 @@ _SCHEMA = [
         seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT,
         created_at INTEGER, step_number INTEGER, metrics TEXT, model_name TEXT UNIQUE,
         path TEXT)""",
+    # Blind A/B votes of the dashboard's Rate page; "left" is the model ("a" or "b") whose
+    # answer was shown first, kept to study position bias.
+    """CREATE TABLE IF NOT EXISTS ratings (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, created_at INTEGER,
+        messages TEXT, model_a TEXT, model_b TEXT, answer_a TEXT, answer_b TEXT,
+        "left" TEXT, verdict TEXT, ideal TEXT, source TEXT)""",
 ]
 _JSON_COLUMNS = {"hyperparameters", "method", "metadata", "error", "result_files", "metrics",
-                 "data"}
+                 "data", "messages"}
 
 
 def _decode(row: sqlite3.Row | None) -> dict | None:
@@ -231,3 +237,21 @@ class Store:
     def checkpoint_by_model(self, name: str) -> dict | None:
         row = self._one("SELECT * FROM checkpoints WHERE model_name = ?", (name,))
         return row if row and Path(row["path"]).exists() else None
+
+    # --- ratings ----------------------------------------------------------------------------
+    def add_rating(self, values: dict) -> dict:
+        values = _encode({**values, "id": new_id("rating-"), "created_at": now()})
+        columns = ", ".join(f'"{k}"' for k in values)  # "left" is an SQL keyword
+        with self._write() as db:
+            db.execute(f"INSERT INTO ratings ({columns}) VALUES "
+                       f"({', '.join('?' for _ in values)})", list(values.values()))
+        return self._one("SELECT * FROM ratings WHERE id = ?", (values["id"],))
+
+    def ratings(self, after: str | None = None, limit: int = -1) -> list[dict]:
+        """Newest first; `after` is the id of the last rating of the previous page; a negative
+        limit returns them all."""
+        sql, args = "SELECT * FROM ratings", []
+        if after:
+            cursor = self._one("SELECT seq FROM ratings WHERE id = ?", (after,))
+            sql, args = sql + " WHERE seq < ?", [cursor["seq"] if cursor else -1]
+        return self._query(sql + " ORDER BY seq DESC LIMIT ?", args + [limit])

@@ -11,7 +11,7 @@ from afinar.serve.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
 _TYPES = {"app.css": "text/css", **{name: "text/javascript" for name in (
-    "app.js", "models.js", "compare.js")}}
+    "app.js", "models.js", "compare.js", "rate.js")}}
 # The shell may only load what this package ships (no inline scripts, no other origin).
 _POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
            "connect-src 'self'")
