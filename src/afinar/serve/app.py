@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from afinar.serve import jobs as job_ops
 from afinar.serve.engine import Engine
 from afinar.serve.errors import envelope, install_handlers
-from afinar.serve.routers import chat, files, jobs, models, ratings
+from afinar.serve.routers import chat, files, jobs, models, ratings, registry
 from afinar.serve.routers.deps import check_api_key
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
@@ -88,7 +88,7 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
                             code="file_too_large")
         return await call_next(request)
 
-    for router in (files.router, jobs.router, chat.router, models.router, ratings.router,
-                   pages.router):
+    for router in (files.router, jobs.router, chat.router, models.router, registry.router,
+                   ratings.router, pages.router):
         app.include_router(router)
     return app

@@ -26,7 +26,7 @@ _SCHEMA = [
         status TEXT, error TEXT, fine_tuned_model TEXT, model_name TEXT, finished_at INTEGER,
         trained_tokens INTEGER, estimated_finish INTEGER, result_files TEXT DEFAULT '[]',
         run_dir TEXT, requested TEXT, resume INTEGER NOT NULL DEFAULT 0, worker_pid INTEGER,
-        model_deleted INTEGER NOT NULL DEFAULT 0)""",
+        model_deleted INTEGER NOT NULL DEFAULT 0, settings TEXT)""",
     """CREATE TABLE IF NOT EXISTS events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT,
         created_at INTEGER, level TEXT, message TEXT, type TEXT, data TEXT)""",
@@ -43,7 +43,9 @@ _SCHEMA = [
         "left" TEXT, verdict TEXT, ideal TEXT, source TEXT)""",
 ]
 _JSON_COLUMNS = {"hyperparameters", "method", "metadata", "error", "result_files", "metrics",
-                 "data", "messages"}
+                 "data", "messages", "settings"}
+# Columns added after a release: a database created before gets them on open.
+_ADDED_COLUMNS = [("jobs", "settings", "TEXT")]
 
 
 def _decode(row: sqlite3.Row | None) -> dict | None:
@@ -70,6 +72,10 @@ class Store:
         with self._write() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     # --- plumbing ---------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -214,6 +220,15 @@ class Store:
             cursor = self._one("SELECT seq FROM events WHERE id = ?", (after,))
             sql, args = sql + " AND seq < ?", args + [cursor["seq"] if cursor else -1]
         return self._query(sql + " ORDER BY seq DESC LIMIT ?", args + [limit])
+
+    def events_since(self, job_id: str, since: str | None, limit: int = 500) -> list[dict]:
+        """Oldest first: the events newer than the event `since` (all when None), for a live
+        stream that resumes from its client's cursor."""
+        sql, args = "SELECT * FROM events WHERE job_id = ?", [job_id]
+        if since:
+            cursor = self._one("SELECT seq FROM events WHERE id = ?", (since,))
+            sql, args = sql + " AND seq > ?", args + [cursor["seq"] if cursor else -1]
+        return self._query(sql + " ORDER BY seq LIMIT ?", args + [limit])
 
     # --- checkpoints ------------------------------------------------------------------------
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str,
