@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from afinar.cli_data import data_app
 from afinar.cli_models import models_app
 from afinar.cli_plan import plan as plan_command
 from afinar.console import TrainProgress, console, out, print_issues, user_errors
@@ -24,6 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune open LLMs from a JSONL file: validate, train, evaluate, keep "
                   "versions, chat, generate.")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 app.command("plan")(plan_command)
 
 
@@ -401,6 +403,27 @@ def export(
                   f"{result.seconds:.0f} s")
     if result.command:
         console.print(f"next: {result.command}")
+
+
+@app.command()
+@user_errors
+def card(
+    run: str = typer.Argument(..., help="A run directory, or a version id/tag of one."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the card to this "
+                                          "file (e.g. RUN/README.md) instead of printing it."),
+):
+    """The run's model card (README.md in the Hugging Face convention): base, data, settings,
+    results, base vs tuned, known leaks, license."""
+    from afinar.model_card import render_card
+    from afinar.rundir import write_text_atomic
+    from afinar.versions import registered_run
+
+    text = render_card(registered_run(run) or Path(run))
+    if output is None:
+        print(text, end="")
+        return
+    write_text_atomic(output, text)
+    console.print(f"wrote {output}")
 
 
 @app.command()

@@ -82,3 +82,13 @@ def read_jsonl(path: str | Path, issues: list[Issue]) -> list[tuple[int, dict]]:
             continue
         records.append((number, value))
     return records
+
+
+def raw_lines(path: str | Path) -> dict[int, str]:
+    """Line number → the line's text as written (without its line end), numbered as
+    `read_jsonl` numbers them: commands that keep or drop examples copy lines untouched."""
+    raw = Path(path).read_bytes()
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    return {number: line.rstrip(b"\r").decode("utf-8", "replace")
+            for number, line in enumerate(raw.split(b"\n"), start=1)}

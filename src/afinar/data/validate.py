@@ -69,12 +69,13 @@ def _file_format(records: list[tuple[int, dict]], path: str, issues: list[Issue]
     return chosen
 
 
-def load_examples(path: str | Path, format: str | None = None, for_training: bool = True
-                  ) -> ValidationReport:
+def load_examples(path: str | Path, format: str | None = None, for_training: bool = True,
+                  check_size: bool = True) -> ValidationReport:
     """Parses `path` into Examples; the report lists every problem found.
 
     With for_training=False (inputs to `generate`), conversations need no assistant answer and
-    the size checks are skipped.
+    the size checks are skipped; check_size=False skips only the latter (a part of a data set:
+    a held-out file, a file being cleaned).
     """
     shown = str(path)
     if format is not None and format not in FORMATS:
@@ -96,7 +97,7 @@ def load_examples(path: str | Path, format: str | None = None, for_training: boo
             if example is not None:
                 examples.append(replace(example, path=shown, line=line))
 
-    if for_training and (records or examples):
+    if for_training and check_size and (records or examples):
         _check_size(len(examples), shown, issues)
     issues.sort(key=lambda i: (i.line, i.severity != "error"))
     return ValidationReport(shown, fmt, examples, issues)
