@@ -74,6 +74,10 @@ def validate(
         encoded = encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
                              pairs=format_family(report.format) == "preference")
         describe_data(report, encoded, max_seq_length, "truncate")
+    elif report.examples:
+        from afinar.data.consistency import add_to_report
+
+        add_to_report(report)
     if report.examples:
         from afinar.data.split import split_report
 
@@ -116,6 +120,13 @@ def _print_data_report(report) -> None:
 
         out.print(f"  [yellow]warning[/]: {one_format_warning(shape, preserve=True)} "
                   "(preserve is on by default for LoRA)")
+    if c := s.get("consistency"):
+        out.print(f"  answer length: median {c['answer_words_median']:g} words (middle half "
+                  f"{c['answer_words_p25']:g}-{c['answer_words_p75']:g}, range "
+                  f"{c['answer_words_min']}-{c['answer_words_max']}); commonest shape "
+                  f"{c['dominant_answer_shape']!r} in {c['dominant_shape_share']:.0%}")
+    for advice in s.get("advice", []):
+        out.print(f"  [cyan]advice[/]: {advice}")
     if "duplicate_groups" in s:
         out.print(f"  exact duplicates: {len(s['duplicate_groups'])} group(s)"
                   + (f", lines {s['duplicate_groups'][:5]}" if s["duplicate_groups"] else ""))

@@ -37,10 +37,12 @@ def normalise(text: str) -> str:
 
 
 def example_text(example: Example, by: str = "example") -> str:
-    """What is compared: the whole example, or only its prompt (`by="prompt"`)."""
+    """What is compared: the whole example, or only its question turns (`by="prompt"`; the
+    system prompt aside, as it is often the same long text in every example)."""
     if not example.is_chat:
         return normalise(example.text or "")
-    messages = example.prompt_messages() if by == "prompt" else example.messages
+    messages = ([m for m in example.prompt_messages() if m.role != "system"] if by == "prompt"
+                else example.messages)
     text = "\n".join(f"{m.role}: {m.content}" for m in messages)
     if by != "prompt" and example.rejected is not None:
         text += "\nrejected: " + example.rejected

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from afinar.data.cache import cached_encode
+from afinar.data.consistency import add_to_report
 from afinar.data.example import Example
 from afinar.data.formats import format_family
 from afinar.data.pairs import (PairTokenized, encode_pairs, fit_pair, length_bias_warning,
@@ -65,10 +66,12 @@ def describe_data(report: ValidationReport, encoded: list, max_len: int,
     pairs, the token statistics count both sides, and `preference` compares them."""
     pairs = [p for p in encoded if isinstance(p, PairTokenized)]
     sequences = [side for p in pairs for side in p.sides()] if pairs else encoded
+    consistency = add_to_report(report)  # warnings pointing at lines join the issues
     out = report.to_dict()
     out["stats"] = {**token_stats(sequences, max_len, overflow),
                     **duplicates_and_contradictions(report.examples),
-                    "format": format_concentration(report.examples)}
+                    "format": format_concentration(report.examples),
+                    "consistency": consistency["stats"], "advice": consistency["advice"]}
     if pairs:
         out["stats"]["preference"] = pair_stats(pairs, max_len, overflow)
         out["stats"]["preference"]["length_warning"] = length_bias_warning(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from afinar.data.consistency import add_to_report
 from afinar.data.split import split_report
 from afinar.data.stats import duplicates_and_contradictions
 from afinar.data.validate import load_examples
@@ -22,6 +23,7 @@ def file_summary(path, display_name: str | None = None, held_out_fraction: float
     """Every problem (line, field, message, hint), the counts, the held-out split a job would
     make, duplicates and contradictions, and the first `sample` examples."""
     report = load_examples(path)
+    consistency = add_to_report(report)
     shown = display_name or str(path)
     issues = [{**issue.to_dict(), "path": shown} for issue in report.issues]
     out = {"format": report.format, "examples": len(report.examples), "ok": report.ok,
@@ -30,4 +32,5 @@ def file_summary(path, display_name: str | None = None, held_out_fraction: float
     if report.examples:
         out["split"] = split_report(report.examples, held_out_fraction, seed)
         out.update(duplicates_and_contradictions(report.examples))
+        out["consistency"], out["advice"] = consistency["stats"], consistency["advice"]
     return out

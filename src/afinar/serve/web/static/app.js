@@ -287,6 +287,7 @@ async function validate(file) {
       el("ul", { class: "issues" }, report.issues.map((i) => el("li", { class: "issue " + i.severity },
         `${i.line ? "line " + i.line : "file"}: ${i.field ? i.field + ": " : ""}${i.message}` +
         (i.hint ? ` (${i.hint})` : "")))),
+      (report.advice || []).map((a) => el("p", { class: "advice" }, "Advice: " + a)),
       report.split ? el("p", {}, `held out by a job: ${report.split.held_out} of ` +
         `${report.split.train + report.split.held_out} (${report.split.method})`) : null,
       el("div", { class: "examples" }, report.sample.map(bubbles)));
