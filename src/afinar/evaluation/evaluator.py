@@ -27,6 +27,9 @@ from afinar.errors import AfinarError, DataError
 from afinar.evaluation import diagnosis, regressions
 from afinar.evaluation.answer_cache import AnswerCache
 from afinar.evaluation.checks import CheckSet, load_checks, run_check
+from afinar.evaluation.fewshot import describe as fewshot_info
+from afinar.evaluation.fewshot import (parse_fewshot, pick_shots, training_system_prompt,
+                                       with_shots)
 from afinar.evaluation.loss import evaluate_loss
 from afinar.evaluation.metrics import REFERENCE_METRICS, score_answer
 from afinar.evaluation.preference import (pair_log_probs, preference_metrics,
@@ -62,6 +65,16 @@ class _Target:
     output: Path
     is_default_eval: bool  # a run's own held-out split: the report the registry shows
     warnings: list[str]
+    # The prompting baseline (`--baseline fewshot[:K]`): the training examples shown to the
+    # base model before each held-out prompt, and the system prompt it gets.
+    shots: list[Example] | None = None
+    shots_system: str | None = None
+
+    def baseline_examples(self, examples: list[Example]) -> list[Example]:
+        if self.shots is None:
+            return examples
+        return [with_shots(ex, self.shots, self.shots_system) if ex.is_chat else ex
+                for ex in examples]
 
 
 def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
@@ -95,8 +108,11 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
         if settings is None:  # both models answer with the same settings
             settings = GenerationSettings(
                 max_new_tokens=max_new_tokens or _answer_budget(loaded.tokenizer, chat_examples))
-        results[role] = _run_model(loaded, role, examples, prompts, probe_examples, cross_sets,
-                                   settings, target, batch_size, emit, use_cache)
+        shown = examples if role == "model" else target.baseline_examples(examples)
+        results[role] = _run_model(loaded, role, shown, [list(ex.prompt_messages())
+                                                         for ex in shown if ex.is_chat],
+                                   probe_examples, cross_sets, settings, target, batch_size,
+                                   emit, use_cache)
         del loaded
         timings[f"{role}_s"] = round(time.perf_counter() - t0, 2)
 
@@ -117,6 +133,10 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
 
         with open_registry() as registry:
             registry.record_run(target.run_dir)
+    if target.run_dir is not None and target.output.resolve() == target.run_dir.resolve():
+        from afinar.model_card import try_write_card  # the card shows this report's table
+
+        try_write_card(target.run_dir, target.run_dir, warn=notify)
     emit({"type": "eval_done", "output": str(target.output), "summary": report["summary"]})
     return EvalReport(report, target.output, markdown)
 
@@ -139,26 +159,37 @@ def _resolve_target(model: str, data: str | None, baseline: str | None, output: 
             raise DataError(f"{data}: {len(report.errors)} problem(s) in the evaluation data",
                             report)
         examples, source = report.examples, str(data)
-    elif config is not None:
+    train_examples = None
+    if config is not None and (not data or parse_fewshot(baseline)):
         train_report = load_examples(config.data, config.format)
         if not train_report.ok:
             raise DataError(f"{config.data}: the run's training data no longer validates",
                             train_report, "pass the held-out file with --data")
-        _, examples, how = split_for(config, train_report)
+        train_examples, held_examples, how = split_for(config, train_report)
+    if not data and config is not None:
+        examples = held_examples
         source = f"held-out part of {config.data} ({how})"
         trained_on = rundir.read_run_info(run_dir).get("data_sha256")
         if trained_on and not config.validation_data and trained_on != sha256_file(
                 Path(config.data)):
             warnings.append(f"{config.data} changed since this run trained on it: the "
                             "held-out split may now contain examples it was trained on")
-    else:
+    elif not data:
         raise AfinarError(f"{model}: not a run directory, so there is no held-out split to use",
                           "pass the evaluation file with --data FILE")
     if not examples:
         raise AfinarError(f"{model}: no held-out examples to evaluate on",
                           "pass a file with --data, or train with held_out_fraction > 0")
 
-    if baseline in (None, "none", ""):
+    shots, shots_system = None, None
+    if (k := parse_fewshot(baseline)) is not None:
+        if config is None:
+            raise AfinarError(f"--baseline {baseline} needs a run: its training examples are the "
+                              "shots", "evaluate a run directory (or a version id)")
+        base = config.model
+        shots = pick_shots(train_examples, k, config.seed)
+        shots_system = training_system_prompt(train_examples)
+    elif baseline in (None, "none", ""):
         base = None
     elif baseline == "auto":
         base = config.model if config is not None else None
@@ -172,8 +203,11 @@ def _resolve_target(model: str, data: str | None, baseline: str | None, output: 
         out = run_dir if is_default else run_dir / f"eval-{Path(data).stem}"
     else:
         out = Path(f"eval-{Path(data).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    if shots is not None and not output and run_dir is not None:
+        out = run_dir / f"eval-{baseline.replace(':', '')}"  # the run's own report stays
+        is_default = False
     return _Target(str(model), run_dir, config, examples, source, load_checks(checks_file), base,
-                   out, is_default, warnings)
+                   out, is_default, warnings, shots, shots_system)
 
 
 def _load(spec: str, notify: Callable):
@@ -259,6 +293,18 @@ def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: boo
 
 
 # --- the report -------------------------------------------------------------------------------
+
+def _baseline_info(target: _Target, examples: list[Example]) -> dict | None:
+    if target.baseline is None:
+        return None
+    if target.shots is None:
+        return {"spec": target.baseline}
+    sample = target.baseline_examples(examples[:1])
+    return {"spec": f"{target.baseline} prompted with {len(target.shots)} training examples "
+                    f"(fewshot:{len(target.shots)})", "model": target.baseline,
+            "fewshot": fewshot_info(target.shots, target.shots_system,
+                                    sample[0] if sample else None)}
+
 
 def _score(example: Example, answer: str, checks: CheckSet) -> dict:
     reference = example.final_answer()
@@ -384,7 +430,7 @@ def _assemble(target: _Target, examples: list[Example], results: dict, probes: l
         "model": {"spec": target.spec, "run_dir": str(target.run_dir) if target.run_dir else None,
                   "base_model": target.config.model if target.config else None,
                   "status": run_info.get("status")},
-        "baseline": {"spec": target.baseline} if target.baseline else None,
+        "baseline": _baseline_info(target, examples),
         "data": {"source": target.data_source, "examples": len(target.examples),
                  "with_prompt": len(examples)},
         "checks": {"source": target.checks.source, "names": target.checks.names,
