@@ -69,7 +69,8 @@ def test_gguf_export_is_verified_by_llama_cpp(run_dir, tmp_path, kind):
     assert summary["same_prompt_ids"] == 4 and summary["tokenizer_probes_mismatched"] == 0
     if kind != "q8_0":
         assert summary["exact_first_tokens"] == 4
-    assert set(result.files) == {f"{run_dir.name}-{kind}.gguf", "verification.json"}
+    assert set(result.files) == {f"{run_dir.name}-{kind}.gguf", "verification.json",
+                                 "README.md"}
     assert result.command.startswith("llama-cli -m ")
     _no_leftovers(tmp_path)
 

