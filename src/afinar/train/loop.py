@@ -53,6 +53,7 @@ from afinar.train.objectives import make_objective
 from afinar.train.reference import attach_reference
 from afinar.train.replay import build_replay
 from afinar.train.replay import describe as describe_replay
+from afinar.train.tracking import Trackers
 
 Event = Callable[[dict], None]
 
@@ -104,10 +105,12 @@ def _step_of(line: str) -> int | None:
 
 
 class _Metrics:
-    """metrics.jsonl writer; on resume, drops lines logged after the checkpoint."""
+    """metrics.jsonl writer; on resume, drops lines logged after the checkpoint. Each record
+    also goes to the run's tracking tools (`report_to`), so they get the same numbers."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None,
+                 trackers: Trackers | None = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers or Trackers()
         if enabled and keep_until_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if (step := _step_of(line)) is not None and step <= keep_until_step]
@@ -117,6 +120,7 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.trackers.log(record)
 
 
 def _save_folder_atomic(model, dest: Path, state_dict: dict | None = None) -> None:
@@ -164,13 +168,15 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
     A run that fails or is interrupted records that in run.json (status failed/interrupted), so
     nothing half-trained looks finished; `resume=True` continues from its last checkpoint.
     """
+    trackers = Trackers.for_run(config)  # report_to: a missing library stops the run here
     started = {}
     try:
-        result = _train(config, on_event, resume, started)
+        result = _train(config, on_event, resume, started, trackers)
     except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        trackers.finish(status)
         run = started.get("run")
         if run is not None and (run / rundir.RUN_FILE).is_file():
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             _write_run_info(run, started["config"], status,
                             error=f"{exc.__class__.__name__}: {exc}"[:2000])
             _register(run, on_event)
@@ -182,12 +188,18 @@ def train(config: TrainConfig, on_event: Event | None = None, resume: bool = Fal
         _register(result.run_dir, on_event)
     if result.is_main_process and config.evaluate and result.summary.get("held_out_examples"):
         # Outside the try above: the model is trained and saved whatever happens here.
-        result.report = _evaluate_run(result.run_dir, on_event)
+        try:
+            result.report = _evaluate_run(result.run_dir, on_event)
+            trackers.artifacts(result.run_dir)  # report.json/.md/.html, those it wrote
+        except BaseException:
+            trackers.finish("failed")
+            raise
     elif result.is_main_process and config.evaluate and on_event:
         on_event({"type": "log", "level": "warning", "message": "no held-out example is left "
                   "(held_out_fraction 0, or every one longer than max_seq_length with overflow "
                   "drop): the end-of-run evaluation was skipped; run `afinar eval RUN --data "
                   "FILE` with a held-out file"})
+    trackers.finish("succeeded")
     return result
 
 
@@ -220,8 +232,8 @@ def _evaluate_run(run: Path, on_event: Event | None):
         return None
 
 
-def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: dict
-           ) -> TrainResult:
+def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: dict,
+           trackers: Trackers) -> TrainResult:
     from accelerate.utils import set_seed
 
     emit = on_event or (lambda event: None)
@@ -370,7 +382,9 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         say(f"resumed from {resumed_from} (step {state.global_step}, epoch {state.epoch + 1})")
     elif resume:
         say(f"{run}: no checkpoint found; starting from the beginning", "warning")
-    metrics = _Metrics(run / rundir.METRICS_FILE, main, state.global_step if resume else None)
+    trackers.start(run, config.model_dump(mode="json"), say, first_step=state.global_step)
+    metrics = _Metrics(run / rundir.METRICS_FILE, main, state.global_step if resume else None,
+                       trackers)
     if main and not resume:
         (run / rundir.METRICS_FILE).write_text("")
 
