@@ -215,8 +215,9 @@ def _method_text(config: dict) -> str:
 
 def _intro(name, run, info, config, base: _Base, data, export) -> str:
     examples = (data.get("stats") or {}).get("examples") or data.get("examples")
-    base_text = f"`{base.hub_id or base.spec}`" + (f" ({base.description})" if base.description
-                                                    else "")
+    named = f"afinar's `{base.spec}`: " if base.hub_id and base.spec != base.hub_id else ""
+    base_text = f"`{base.hub_id or base.spec}`" + (f" — {named}{base.description} —"
+                                                    if base.description else "")
     chain = "".join(f", continued by the run `{c}`" for c in base.chain)
     data_file = Path(str(info.get("data") or config.get("data") or "?")).name
     lines = [f"# {name}", "",
@@ -262,6 +263,10 @@ _ESSENTIALS = ("method", "objective", "lora.r", "lora.alpha", "lora.dropout", "l
 
 
 def _method_section(run: Path, config: dict) -> str:
+    info = rundir.read_run_info(run)
+    summary = info.get("summary") or {}
+    resolved = {"learning_rate": summary.get("learning_rate"), "epochs": summary.get("epochs"),
+                "precision": info.get("precision")}
     rows = []
     for key in _ESSENTIALS:
         head, _, rest = key.partition(".")
@@ -269,14 +274,13 @@ def _method_section(run: Path, config: dict) -> str:
         if head == "lora" and config.get("method") != "lora" or head in ("dpo", "orpo") and \
                 config.get("objective") != head or value is None:
             continue
+        if value == "auto" and resolved.get(key) is not None:  # what "auto" turned out to be
+            value = f"auto → {resolved[key]}"
         rows.append(f"| {key} | {str(value).lower() if isinstance(value, bool) else value} |")
     full = (run / rundir.CONFIG_FILE).read_text(encoding="utf-8") if (
         run / rundir.CONFIG_FILE).is_file() else "(config.yaml is missing)\n"
-    info_precision = rundir.read_run_info(run).get("precision")
-    note = [f"", f"Precision used: {info_precision}."] if info_precision and \
-        info_precision != config.get("precision") else []
     return "\n".join(["## Method and settings", "", "| setting | value |", "|---|---|", *rows,
-                      *note, "", "<details><summary>Full resolved config (config.yaml)</summary>",
+                      "", "<details><summary>Full resolved config (config.yaml)</summary>",
                       "", "```yaml", full.rstrip(), "```", "", "</details>"])
 
 
