@@ -328,7 +328,9 @@ def eval_(
     data: Optional[str] = typer.Option(None, help="Held-out data (.jsonl); default: a run's "
                                        "own held-out split."),
     baseline: str = typer.Option("auto", help="Model to compare with: auto (a run's base "
-                                 "model), none, or a model name/path/run."),
+                                 "model), none, a model name/path/run, or fewshot[:K] (the "
+                                 "base model prompted with K training examples, default 5; "
+                                 "report in RUN/eval-fewshotK)."),
     output: Optional[str] = typer.Option(None, help="Report folder (default: the run directory)."),
     checks: Optional[str] = typer.Option(None, help="Checks file (YAML); default: the run's."),
     probes: bool = typer.Option(True, help="Also compare answers to bundled general prompts."),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -178,3 +178,57 @@ def _usable(source: Path):
         raise AfinarError(f"{source}: {len(report.errors)} problem(s) listed above",
                           "fix them first: `afinar validate` lists the same")
     return report
+
+
+@data_app.command()
+@user_errors
+def synth(
+    output: Path = typer.Option(..., "--output", "-o", help="Output .jsonl (chat format)."),
+    base_url: str = typer.Option(..., help="An OpenAI-compatible endpoint, e.g. "
+                                 "https://api.openai.com/v1, http://127.0.0.1:11434/v1 (Ollama), "
+                                 "http://127.0.0.1:8000/v1 (afinar serve)."),
+    model: str = typer.Option(..., help="The model that writes the examples."),
+    count: int = typer.Option(20, min=1, help="Examples wanted."),
+    topic: List[str] = typer.Option([], "--topic", help="A topic to write about (repeatable)."),
+    seeds: Optional[Path] = typer.Option(None, help="A data file whose examples show the style "
+                                         "(and are never repeated)."),
+    documents: List[Path] = typer.Option([], "--documents", help="Text the answers come from: "
+                                         ".md/.txt files or folders (repeatable)."),
+    system: Optional[str] = typer.Option(None, help="System prompt the examples carry."),
+    language: Optional[str] = typer.Option(None, help="Language to write in, e.g. Spanish."),
+    per_request: int = typer.Option(5, min=1, max=20, help="Examples asked for per request."),
+    temperature: float = typer.Option(0.9, min=0, max=2),
+    similarity: float = typer.Option(0.85, min=0.5, max=1.0, help="Question similarity from "
+                                     "which an example counts as a duplicate."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the "
+                                    "key (none needed for a local server)."),
+    seed: int = typer.Option(0, help="Seed of the prompt sampling."),
+):
+    """Generate examples with a model behind any OpenAI-compatible API: each checked, duplicates
+    dropped, the output resumable (OUTPUT.partial until COUNT examples are in)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    from afinar.data.synth import SynthSettings, chunk_documents, synthesize
+
+    examples = _usable(seeds).examples if seeds else []
+    settings = SynthSettings(
+        base_url=base_url, model=model, count=count, topics=topic, seeds=examples,
+        documents=chunk_documents(documents) if documents else [], system=system,
+        language=language, per_request=per_request, temperature=temperature,
+        similarity=similarity, api_key=os.environ.get(api_key_env), seed=seed)
+    with Progress(TextColumn("[bold]synth[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("synth", total=count, note="")
+        result = synthesize(settings, output, on_progress=lambda r: bar.update(
+            task, completed=r.written, note=f"{r.requests} requests, {r.duplicates} duplicates, "
+            f"{r.invalid} invalid"))
+    counts = (f"{result.requests} requests, {result.generated} pairs returned, "
+              f"{result.invalid} invalid, {result.duplicates} duplicates dropped, "
+              f"{result.retried} retries, {result.seconds:.0f} s")
+    if not result.complete:
+        raise AfinarError(f"only {result.written} of {count} examples after {counts}; they are "
+                          f"in {output}.partial", "run the same command again to continue, or "
+                          "try a stronger model, other topics or more seeds")
+    out.print(f"[green]wrote[/] {output}: {result.written} examples ({counts})")
