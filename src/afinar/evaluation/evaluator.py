@@ -232,6 +232,8 @@ def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, s
     from afinar.train.losses import SupervisedLoss
 
     max_len = target.config.max_seq_length if target.config else 2048
+    if role == "baseline" and target.shots:  # the shots lengthen every prompt: use the context
+        max_len = max(max_len, getattr(loaded.model.config, "max_position_embeddings", 0))
     items = [fit_length(loaded.encoder.encode(ex, i), max_len, "truncate")
              for i, ex in enumerate(examples) if ex.is_chat is False or ex.final_answer()]
     items = [t for t in items if t is not None]
