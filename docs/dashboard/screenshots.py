@@ -2,10 +2,12 @@
 
     .venv/bin/python docs/dashboard/screenshots.py [--out docs/dashboard]
 
-Starts a real `afinar serve` on 127.0.0.1 (state in a temporary folder), uploads the bundled
-examples/respuestas-breves/sft.jsonl, trains one short job on SmolLM2-135M-Instruct (one epoch,
-no end-of-run evaluation), and photographs each page in Debian's Chromium through Playwright
-(as the browser tests do; nothing is downloaded). About 3 minutes on a 2-core CPU.
+Starts a real `afinar serve` on 127.0.0.1 (state and registry in a temporary folder; the
+converted embedded model is reused from AFINAR_HOME), uploads the bundled
+examples/respuestas-breves/sft.jsonl, trains two short jobs on SmolLM2-135M-Instruct (one epoch
+at LoRA r 16, two at r 8; each evaluated at its end), exports one with verification, and
+photographs each page in Debian's Chromium through Playwright (as the browser tests do; nothing
+is downloaded). About 15 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from afinar.paths import models_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 AFINAR = str(Path(sys.executable).parent / "afinar")
@@ -51,6 +55,20 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise SystemExit("afinar serve did not start")
 
 
+def _wait_job(client, job_id: str, timeout: float = 1800) -> None:
+    deadline = time.monotonic() + timeout
+    while client.fine_tuning.jobs.retrieve(job_id).status not in ("succeeded", "failed",
+                                                                    "cancelled"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{job_id} did not finish")
+        time.sleep(2)
+
+
+def page_versions(client, root: str) -> list[str]:
+    """The registry's version ids (newest first), through the API the Compare page uses."""
+    return [v["id"] for v in client.get("/registry/versions", cast_to=object)["data"]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
@@ -62,10 +80,15 @@ def main() -> int:
         port = _port()
         config = Path(tmp) / "serve.yaml"
         config.write_text(yaml.safe_dump({"home": str(Path(tmp) / "state"),
-                                          "evaluate_jobs": False}))
+                                          "evaluate_jobs": True}))
         log = open(Path(tmp) / "serve.log", "wb")
+        home = Path(tmp) / "home"  # a registry of this script's runs only
+        home.mkdir()
+        if models_cache().is_dir():
+            (home / "models").symlink_to(models_cache())
         proc = subprocess.Popen([AFINAR, "serve", "--config", str(config), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "AFINAR_HOME": str(home)})
         root = f"http://127.0.0.1:{port}"
         try:
             _wait_http(root + "/", proc)
@@ -74,6 +97,9 @@ def main() -> int:
             job = client.fine_tuning.jobs.create(training_file=file.id,
                                                  model="smollm2-135m-instruct",
                                                  suffix="breves", hyperparameters={"n_epochs": 1})
+            other = client.fine_tuning.jobs.create(
+                training_file=file.id, model="smollm2-135m-instruct", suffix="breves-r8",
+                hyperparameters={"n_epochs": 2}, extra_body={"settings": {"lora.r": 8}})
             bad = Path(tmp) / "con-errores.jsonl"
             bad.write_text(DATA.read_text(encoding="utf-8").splitlines()[0] + "\n" + BAD * 2,
                            encoding="utf-8")
@@ -98,6 +124,8 @@ def main() -> int:
                 page.wait_for_selector("#new-job")
                 page.select_option("#job-method", "dpo")
                 page.fill("#job-n_epochs", "2")
+                page.click("#advanced summary")
+                page.fill("[data-setting='lora.r']", "8")
                 shot("new-job")
                 page.goto(root + "/#/jobs/" + job.id)
                 page.wait_for_function("document.querySelectorAll('circle.train').length >= 3",
@@ -109,9 +137,23 @@ def main() -> int:
                 page.goto(root + "/#/jobs")
                 page.wait_for_selector("tr.job")
                 shot("jobs")
+                _wait_job(client, other.id)
                 page.goto(root + "/#/models")
-                page.wait_for_selector("tr.model")
+                page.wait_for_selector("tr.version")
                 shot("models")
+                version = page.locator("tr.version a").last.inner_text()  # the first job's
+                page.goto(root + "/#/models/" + version)
+                page.wait_for_selector("#report table")
+                page.select_option("#export-format", "merged")
+                page.click("#export-start")
+                page.wait_for_function("document.querySelector('tr.export') && "
+                                       "!document.querySelector('tr.export.running')",
+                                       timeout=900_000)
+                shot("version")
+                page.goto(root + "/#/compare/" + ",".join(
+                    page_versions(client, root)))
+                page.wait_for_selector("#compare-metrics")
+                shot("compare")
                 finished = client.fine_tuning.jobs.retrieve(job.id)
                 page.goto(root + "/#/playground")
                 page.wait_for_selector("#run")
@@ -126,6 +168,24 @@ def main() -> int:
                 page.wait_for_function("!document.querySelector('#run').disabled",
                                        timeout=300_000)
                 shot("playground")
+                page.goto(root + "/#/rate")
+                page.wait_for_selector("#tally")
+                page.select_option("#model-a", "smollm2-135m-instruct")
+                page.select_option("#model-b", finished.fine_tuned_model)
+                page.fill("#system", "Eres el asistente de las Bibliotecas de Valdemar. Responde "
+                          "con una sola frase breve que empiece por «Respuesta:».")
+                page.fill("#prompt", "¿Hay wifi gratis en la biblioteca?")
+                page.fill("#max-tokens", "48")
+                page.click("#generate")
+                page.wait_for_function("[...document.querySelectorAll('#answers .answer')]"
+                                       ".every(a => a.textContent.trim().length > 0) && "
+                                       "!document.querySelector('#generate').disabled",
+                                       timeout=300_000)
+                shot("rate")
+                page.click("#rate-page")
+                page.keyboard.press("b")
+                page.wait_for_selector("#revealed p")
+                shot("rate-revealed")
                 browser.close()
         finally:
             os.killpg(proc.pid, 15)
