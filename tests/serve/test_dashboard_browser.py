@@ -15,6 +15,7 @@ def _jsonl(path, records):
 
 def test_a_bad_upload_shows_its_line_errors_and_a_good_one_its_examples(page, tmp_path):
     page.goto(page.root + "/#/data")
+    page.select_option("#token-model", "tiny")  # tokens counted with the tiny model's tokenizer
     records = chat_records(12)
     records[2] = {"messages": [{"role": "asistente", "content": "x"}]}
     page.set_input_files("#file", str(_jsonl(tmp_path / "bad.jsonl", records)))
@@ -26,6 +27,8 @@ def test_a_bad_upload_shows_its_line_errors_and_a_good_one_its_examples(page, tm
     page.wait_for_function("(document.querySelector('#verdict') || {textContent: ''}).textContent.includes('good.jsonl')")
     assert "usable" in page.inner_text("#verdict") and page.locator(".issue.error").count() == 0
     assert page.locator(".bubble.assistant").count() == 12
+    assert "tokens per example (tiny): min" in page.inner_text("#token-stats")
+    assert "exact duplicates: 0" in page.inner_text("#duplicates")
 
 
 def test_a_job_page_draws_its_curve_live_reattaches_and_pauses(page, dash, tmp_path):

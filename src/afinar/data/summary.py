@@ -19,9 +19,11 @@ def _example(ex) -> dict:
 
 
 def file_summary(path, display_name: str | None = None, held_out_fraction: float = 0.2,
-                 seed: int = 42, sample: int = 20) -> dict:
+                 seed: int = 42, sample: int = 20, tokenizer_of: str | None = None,
+                 max_seq_length: int = 1024) -> dict:
     """Every problem (line, field, message, hint), the counts, the held-out split a job would
-    make, duplicates and contradictions, and the first `sample` examples."""
+    make, duplicates and contradictions, and the first `sample` examples; with `tokenizer_of`
+    (a model spec), the token statistics `afinar validate` gives with that model's tokenizer."""
     report = load_examples(path)
     consistency = add_to_report(report)
     shown = display_name or str(path)
@@ -33,4 +35,22 @@ def file_summary(path, display_name: str | None = None, held_out_fraction: float
         out["split"] = split_report(report.examples, held_out_fraction, seed)
         out.update(duplicates_and_contradictions(report.examples))
         out["consistency"], out["advice"] = consistency["stats"], consistency["advice"]
+        if tokenizer_of and report.ok:
+            out["tokens"] = _token_stats(report, tokenizer_of, max_seq_length)
     return out
+
+
+def _token_stats(report, model: str, max_seq_length: int) -> dict:
+    from afinar.data.formats import format_family
+    from afinar.data.prepare import encode_for
+    from afinar.data.stats import token_stats
+    from afinar.data.tokenize import ChatEncoder
+    from afinar.models.load import load_tokenizer, stop_token_ids
+    from afinar.models.registry import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model, notify=lambda m: None).tokenizer_source)
+    pairs = format_family(report.format) == "preference"
+    encoded = encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
+                         pairs=pairs)
+    sequences = [side for p in encoded for side in p.sides()] if pairs else encoded
+    return {"model": model, **token_stats(sequences, max_seq_length, "truncate")}

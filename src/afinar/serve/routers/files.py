@@ -85,13 +85,22 @@ def delete(file_id: str, store: Store = Depends(get_store)):
 
 
 @router.get("/{file_id}/validation")
-def validation(file_id: str, store: Store = Depends(get_store),
+def validation(file_id: str, model: Optional[str] = None, store: Store = Depends(get_store),
                settings: ServeSettings = Depends(get_settings)):
-    """afinar's extension: the file checked as `afinar validate` checks it (no tokenizer)."""
+    """afinar's extension: the file checked as `afinar validate` checks it; with `model` (one of
+    the server's base models), token statistics with that model's tokenizer."""
     from afinar.data.summary import file_summary
 
     row = _file(store, file_id)
-    return file_summary(store.file_path(file_id), row["filename"], settings.held_out_fraction)
+    bases = settings.base_models()
+    if model is not None and model not in bases:
+        raise ApiError(400, f"model '{model}' is not one of this server's base models: "
+                       f"{', '.join(bases)}.", param="model", code="model_not_found")
+    summary = file_summary(store.file_path(file_id), row["filename"],
+                           settings.held_out_fraction, tokenizer_of=bases[model] if model else None)
+    if "tokens" in summary:
+        summary["tokens"]["model"] = model  # its name here, never the server's path to it
+    return summary
 
 
 @router.get("/{file_id}/content")

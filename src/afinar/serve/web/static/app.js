@@ -279,7 +279,12 @@ async function validate(file) {
   form.append("file", file);
   try {
     const uploaded = await api("/v1/files", { method: "POST", body: form });
-    const report = await api(`/v1/files/${uploaded.id}/validation`);
+    const model = document.getElementById("token-model").value;
+    const report = await api(`/v1/files/${uploaded.id}/validation` +
+                             (model ? "?model=" + encodeURIComponent(model) : ""));
+    const t = report.tokens;
+    const lines = (groups) => groups.slice(0, 5).map((g) => g.join(", ")).join("; ") +
+      (groups.length > 5 ? "; …" : "");
     const verdict = report.ok ? "usable" : "not usable";
     status.replaceChildren(el("p", { class: report.ok ? "ok" : "error", id: "verdict" },
       `${file.name} (${uploaded.id}): ${report.examples} examples, format ${report.format}, ` +
@@ -287,6 +292,16 @@ async function validate(file) {
       el("ul", { class: "issues" }, report.issues.map((i) => el("li", { class: "issue " + i.severity },
         `${i.line ? "line " + i.line : "file"}: ${i.field ? i.field + ": " : ""}${i.message}` +
         (i.hint ? ` (${i.hint})` : "")))),
+      t ? el("p", { id: "token-stats" }, `tokens per example (${t.model}): min ${t.tokens_min}, ` +
+        `median ${t.tokens_median}, p95 ${t.tokens_p95}, max ${t.tokens_max} (total ` +
+        `${t.tokens_total}); trained tokens ${Math.round(100 * t.supervised_share)}%; longer ` +
+        `than ${t.max_seq_length}: ${t.over_max_seq_length}`) : null,
+      report.duplicate_groups ? el("p", { id: "duplicates" },
+        `exact duplicates: ${report.duplicate_groups.length}` +
+        (report.duplicate_groups.length ? ` (lines ${lines(report.duplicate_groups)})` : "") +
+        `; contradictions (same prompt, different answers): ` +
+        `${report.contradiction_groups.length}` + (report.contradiction_groups.length
+          ? ` (lines ${lines(report.contradiction_groups)})` : "")) : null,
       (report.advice || []).map((a) => el("p", { class: "advice" }, "Advice: " + a)),
       report.split ? el("p", {}, `held out by a job: ${report.split.held_out} of ` +
         `${report.split.train + report.split.held_out} (${report.split.method})`) : null,
@@ -296,7 +311,12 @@ async function validate(file) {
   }
 }
 
-function dataPage() {
+async function dataPage() {
+  const models = await api("/v1/models");
+  const tokenModel = el("select", { id: "token-model" },
+    models.data.filter((m) => !m.id.startsWith("ft:"))
+      .map((m) => el("option", { value: m.id }, m.id)),
+    el("option", { value: "" }, "(no token counts)"));
   const input = el("input", { type: "file", id: "file", accept: ".jsonl,.json,.txt" });
   input.addEventListener("change", () => input.files[0] && validate(input.files[0]));
   const zone = el("div", { class: "drop", id: "drop" }, "Drop a JSONL file here, or ", input);
@@ -310,6 +330,7 @@ function dataPage() {
   show(el("h1", {}, "Data"),
        el("p", {}, "The file is uploaded (purpose fine-tune) and checked as `afinar validate` " +
           "checks it: every problem with its line and field."),
+       el("p", {}, el("label", {}, "count tokens with ", tokenModel)),
        zone, el("div", { id: "upload-status" }));
 }
 
