@@ -141,7 +141,7 @@ def main() -> int:
                 page.goto(root + "/#/models")
                 page.wait_for_selector("tr.version")
                 shot("models")
-                version = page.locator("tr.version a").last.inner_text()  # the first job's
+                version = page.locator("tr.version td:first-child a").last.inner_text()  # v1
                 page.goto(root + "/#/models/" + version)
                 page.wait_for_selector("#report table")
                 page.select_option("#export-format", "merged")

@@ -198,6 +198,7 @@ def synth(
     language: Optional[str] = typer.Option(None, help="Language to write in, e.g. Spanish."),
     per_request: int = typer.Option(5, min=1, max=20, help="Examples asked for per request."),
     temperature: float = typer.Option(0.9, min=0, max=2),
+    max_tokens: int = typer.Option(1024, min=16, help="Longest reply per request."),
     similarity: float = typer.Option(0.85, min=0.5, max=1.0, help="Question similarity from "
                                      "which an example counts as a duplicate."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the "
@@ -216,6 +217,7 @@ def synth(
         base_url=base_url, model=model, count=count, topics=topic, seeds=examples,
         documents=chunk_documents(documents) if documents else [], system=system,
         language=language, per_request=per_request, temperature=temperature,
+        max_tokens=max_tokens,
         similarity=similarity, api_key=os.environ.get(api_key_env), seed=seed)
     with Progress(TextColumn("[bold]synth[/]"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[note]}"), TimeElapsedColumn(),

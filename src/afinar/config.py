@@ -100,8 +100,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps warming up the LR.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="How the learning rate falls after warm-up: cosine to 0, "
+        "linearly to 0, or constant.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the trained "
+                                "weights; 0 = none (LoRA rarely needs it).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     max_seq_length: int = Field(1024, ge=8, description="Longer examples are truncated or dropped.")
     overflow: Literal["truncate", "drop"] = Field("truncate", description="What to do with "
