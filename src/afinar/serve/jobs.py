@@ -2,7 +2,8 @@
 mapping the worker trains with. The web process and the worker call these; no HTTP here.
 
 Statuses: validating_files → queued → running → succeeded | failed | cancelled, and
-running → paused (after checkpointing the step it was at) → queued (resume continues from there).
+running → paused (after checkpointing the step it was at) → queued (resume continues from
+there).
 """
 
 from __future__ import annotations
