@@ -126,6 +126,8 @@ def test_models_version_and_compare_pages(page, dash):
     page.click("text=v1")
     page.wait_for_selector("#lineage")
     assert "afinar train (CLI)" in page.inner_text("#lineage")
+    listed = page.inner_text("#version-checkpoints")
+    assert listed.startswith("checkpoints: step ") and "http" not in listed
     assert "eval_loss" in page.inner_text("#report")
     page.fill("#new-tag", "prod")
     page.click("#tag-form button")

@@ -50,7 +50,8 @@ function lineage(version) {
   const chain = el("p", { class: "lineage", id: "lineage" });
   steps.forEach((step, i) => { if (i) chain.append(" → "); chain.append(step); });
   const checkpoints = l.checkpoints.length
-    ? el("p", { class: "checkpoints" }, "checkpoints: ", l.checkpoints.map((c, i) => [
+    ? el("p", { class: "checkpoints", id: "version-checkpoints" }, "checkpoints: ",
+         l.checkpoints.flatMap((c, i) => [
         i ? ", " : "", c.model
           ? el("a", { href: "#/playground/" + encodeURIComponent(c.model) }, "step " + c.step)
           : "step " + c.step]))
