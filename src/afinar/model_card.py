@@ -23,7 +23,8 @@ import yaml
 
 from afinar import rundir
 from afinar.errors import AfinarError
-from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
+from afinar.evaluation.formatting import fmt_value, label
+from afinar.evaluation.report_md import metrics_table
 
 CARD_FILE = "README.md"
 REPORT_FILE = "report.json"
@@ -326,22 +327,7 @@ def _eval_section(run: Path, report: dict | None) -> str:
                    if has_base else "without a base model to compare with, ")
                 + f"greedy answers; evaluated {report.get('created_at', '')}.")
     head.append("")
-    if has_base:
-        head += ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
-    else:
-        head += ["| metric | tuned |", "|---|---:|"]
-    for m in report.get("metrics", []):
-        tuned = fmt_value(m["name"], m["model"])
-        if has_base:
-            mark = {True: " ✓", False: " ✗", None: ""}[is_better(m)]
-            head.append(f"| {label(m['name'])} | {fmt_value(m['name'], m['baseline'])} | "
-                        f"{tuned} | {fmt_delta(m)}{mark} |")
-        else:
-            head.append(f"| {label(m['name'])} | {tuned} |")
-    changes = report.get("changes") or {}
-    if changes:
-        head += ["", f"Per example: {changes['improved']} improved, {changes['worse']} worse, "
-                 f"{changes['same']} identical, {changes['reworded']} reworded."]
+    head += metrics_table(report, single="tuned")  # report.md's own table
     checks = report.get("checks") or {}
     if checks.get("names"):
         head += ["", f"Checks ({checks.get('source')}): " + ", ".join(checks["names"]) + "."]

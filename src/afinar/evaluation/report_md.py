@@ -7,18 +7,15 @@ from afinar.evaluation.formatting import fmt_delta, fmt_value, is_better, label
 from afinar.evaluation.preference import preference_markdown
 
 
-def render_markdown(report: dict) -> str:
-    has_base = report["baseline"] is not None
-    lines = [f"# Evaluation of {report['model']['spec']}", ""]
-    lines.append(f"- data: {report['data']['source']} ({report['data']['examples']} examples)")
+def metrics_table(report: dict, single: str = "value") -> list[str]:
+    """The metrics as a Markdown table (base, tuned, change when there is a baseline; else one
+    column headed `single`), then the per-example changes: report.md's and the model card's."""
+    has_base = report.get("baseline") is not None
     if has_base:
-        lines.append(f"- compared with: {report['baseline']['spec']}")
-    lines.append("")
-    if has_base:
-        lines += ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+        lines = ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
     else:
-        lines += ["| metric | value |", "|---|---:|"]
-    for m in report["metrics"]:
+        lines = [f"| metric | {single} |", "|---|---:|"]
+    for m in report.get("metrics", []):
         if has_base:
             mark = {True: " ✓", False: " ✗", None: ""}[is_better(m)]
             lines.append(f"| {label(m['name'])} | {fmt_value(m['name'], m['baseline'])} | "
@@ -29,6 +26,17 @@ def render_markdown(report: dict) -> str:
     if changes:
         lines += ["", f"Per example: {changes['improved']} improved, {changes['worse']} worse, "
                   f"{changes['same']} identical, {changes['reworded']} reworded."]
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    has_base = report["baseline"] is not None
+    lines = [f"# Evaluation of {report['model']['spec']}", ""]
+    lines.append(f"- data: {report['data']['source']} ({report['data']['examples']} examples)")
+    if has_base:
+        lines.append(f"- compared with: {report['baseline']['spec']}")
+    lines.append("")
+    lines += metrics_table(report)
     lines += preference_markdown(report.get("preference") or {})
     reg = report.get("regressions")
     if reg:
