@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from afinar.config import TrainConfig
@@ -63,6 +68,13 @@ ERRORS = [
      "is empty"),
     ("empty string answer", {"prompt": "hola", "chosen": "", "rejected": "x"}, "chosen",
      "is empty"),
+    ("string answer, OpenAI form", _openai(preferred_output=GOOD), "preferred_output",
+     "must be a list holding one assistant message, got a string"),
+    ("string rejected answer, OpenAI form", _openai(non_preferred_output=BAD),
+     "non_preferred_output", "must be a list holding one assistant message, got a string"),
+    ("missing answer, OpenAI form", {"input": {"messages": [USER]},
+                                     "non_preferred_output": _assistant(BAD)},
+     "preferred_output", "is missing"),
     ("two output messages", _openai(preferred_output=_assistant(GOOD) * 2), "preferred_output",
      "one final assistant message, got 2"),
     ("output from the user", _openai(non_preferred_output=[{"role": "user", "content": "x"}]),
@@ -97,6 +109,44 @@ def test_every_problem_is_located_by_line_and_field(tmp_path, record, field, mes
     errors = [str(i) for i in report.errors]
     assert any(e.startswith(f"{path}:12: {field}: ") and message in e for e in errors), errors
     assert len(report.examples) == 11  # the bad line is left out, the others kept
+
+
+def test_openai_outputs_must_be_one_assistant_message_as_openai_checks_them(tmp_path):
+    """OpenAI's API rejects a DPO line whose outputs are not [one assistant message]; a file
+    that passes `afinar validate` must pass there too. Every such error names the fix."""
+    wrong = [_openai(preferred_output=GOOD), _openai(non_preferred_output=BAD),
+             _openai(preferred_output=_assistant(GOOD) + _assistant(BAD)),
+             _openai(non_preferred_output=[{"role": "system", "content": BAD}]),
+             _openai(preferred_output={"role": "assistant", "content": GOOD})]
+    path = write_jsonl(tmp_path / "p.jsonl", [SPELLINGS["dpo"]] * 11 + wrong)
+    report = load_examples(path)
+    assert sorted({i.line for i in report.errors}) == [12, 13, 14, 15, 16]
+    fix = 'write [{"role": "assistant", "content": "..."}]'
+    assert all(fix in i.hint for i in report.errors), [str(i) for i in report.errors]
+    assert len(report.examples) == 11
+
+
+def test_prompt_chosen_rejected_keeps_accepting_strings(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": f"pregunta {i}", "chosen": GOOD, "rejected": BAD} for i in range(12)])
+    report = load_examples(path)
+    assert report.ok and report.format == "preference", [str(i) for i in report.errors]
+    assert report.examples[0].final_answer() == GOOD and report.examples[0].rejected == BAD
+
+
+def test_afinar_validate_refuses_a_string_output_with_the_line_and_the_fix(tmp_path):
+    """Through the installed console script, as a user runs it."""
+    path = write_jsonl(tmp_path / "p.jsonl", [SPELLINGS["dpo"]] * 11
+                       + [_openai(preferred_output=GOOD)])
+    afinar = Path(sys.executable).parent / "afinar"
+    proc = subprocess.run([str(afinar), "validate", str(path), "--no-tokens"],
+                          capture_output=True, text=True, timeout=120)
+    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+    assert proc.returncode == 1, output
+    assert (f"{path}:12: preferred_output: must be a list holding one assistant message, got a "
+            "string") in " ".join(output.split())
+    assert 'write [{"role": "assistant", "content": "..."}]' in output
+    assert "Traceback" not in output
 
 
 def _pairs(tmp_path, n=12, chosen=GOOD, rejected=BAD):

@@ -4,7 +4,8 @@ Three spellings are read, each into an `Example` whose messages are the prompt a
 answer and whose `rejected` is the other answer:
 
 - OpenAI's DPO lines: {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
-  ...}], "non_preferred_output": [...]};
+  ...}], "non_preferred_output": [...]}, each output a list of exactly one assistant message (a
+  plain string is an error there, as OpenAI's API makes it);
 - {"prompt", "chosen", "rejected"}, each a string or a list of messages;
 - implicit prompt: {"chosen", "rejected"} as whole conversations; the prompt is their longest
   shared prefix of turns, and what follows must be one assistant message on each side.
@@ -19,20 +20,31 @@ from afinar.data.formats import Format, parse_messages, register_format, text_fi
 from afinar.data.issues import IssueSink
 
 _ONE_ANSWER = 'e.g. [{"role": "assistant", "content": "..."}] or a plain string'
+# OpenAI's DPO lines take no plain string: its fine-tuning API rejects a file that has one.
+_ONE_MESSAGE = 'write [{"role": "assistant", "content": "..."}]'
 
 
-def _answer(value, field: str, sink: IssueSink) -> str | None:
-    """One final assistant answer: a string, or a list holding exactly one assistant message."""
-    if isinstance(value, str) or value is None:
+def _answer(value, field: str, sink: IssueSink, *, strings: bool = True) -> str | None:
+    """One final assistant answer: a list holding exactly one assistant message, or (where
+    `strings`, as in prompt/chosen/rejected) a plain string."""
+    hint = _ONE_ANSWER if strings else _ONE_MESSAGE
+    if strings and (isinstance(value, str) or value is None):
         return text_field(value, field, sink)
+    if value is None:
+        sink.error(field, "is missing", hint)
+        return None
+    if isinstance(value, str):
+        sink.error(field, "must be a list holding one assistant message, got a string",
+                   f"OpenAI's DPO format takes no plain strings here: {hint}")
+        return None
     if not isinstance(value, list) or len(value) != 1:
         got = f"{len(value)} messages" if isinstance(value, list) else f"a {type(value).__name__}"
-        sink.error(field, f"must be one final assistant message, got {got}", _ONE_ANSWER)
+        sink.error(field, f"must be one final assistant message, got {got}", hint)
         return None
     message = value[0]
     where = f"{field}[0]"
     if not isinstance(message, dict):
-        sink.error(where, "must be an object with role and content", _ONE_ANSWER)
+        sink.error(where, "must be an object with role and content", hint)
         return None
     if message.get("tool_calls") or message.get("function_call"):
         sink.error(where, "tool calls are not supported yet",
@@ -40,7 +52,7 @@ def _answer(value, field: str, sink: IssueSink) -> str | None:
         return None
     if message.get("role") != "assistant":
         sink.error(f"{where}.role", f"must be assistant, got {message.get('role')!r}",
-                   "the answers being compared are the assistant's")
+                   f"the answers being compared are the assistant's: {_ONE_MESSAGE}")
         return None
     return text_field(message.get("content"), f"{where}.content", sink)
 
@@ -84,8 +96,9 @@ def _parse_openai_dpo(record: dict, sink: IssueSink) -> Example | None:
         messages = parse_messages(source.get("messages"), "input.messages", sink)
         if messages and not sink.failed:
             prompt = _prompt(messages, "input.messages", sink)
-    chosen = _answer(record.get("preferred_output"), "preferred_output", sink)
-    rejected = _answer(record.get("non_preferred_output"), "non_preferred_output", sink)
+    chosen = _answer(record.get("preferred_output"), "preferred_output", sink, strings=False)
+    rejected = _answer(record.get("non_preferred_output"), "non_preferred_output", sink,
+                       strings=False)
     if sink.failed or prompt is None:
         return None
     extra = {k: v for k, v in record.items()
