@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging as _logging
 import os as _os
 
 # OpenMP threads that wait for work sleep instead of spinning. Alone, a run is as fast either
@@ -20,6 +21,20 @@ import os as _os
 # 12% with libgomp's default policy, 56% and 81% with this one (bench/bench_share_cores.py).
 # It must be set before torch loads OpenMP; a user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _drop_bitsandbytes_kernels_notice(record) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-")
+
+
+# peft imports bitsandbytes whenever it is installed, so every LoRA run (not only 4-bit ones)
+# imports it; on an AVX512-BF16 CPU that import tries the `kernels` package (which downloads
+# binaries from the Hugging Face hub) and logs "Failed to load CPU gemm_4bit_forward from
+# kernels-community" without it. That kernel only runs on 4-bit layers repacked for CPU
+# inference, which load_quantized turns off, and inference de-quantises: measured, 0 calls in
+# a 4-bit run's steps, held-out evaluations and generation. Only that one message is dropped;
+# getLogger makes the logger bitsandbytes will log to, even before bitsandbytes is imported.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes_kernels_notice)
 
 __version__ = "0.1.0"
 

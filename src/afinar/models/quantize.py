@@ -69,7 +69,8 @@ def load_quantized(resolved: ResolvedModel, quantization: str, compute_dtype: to
             # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer at its first forward
             # in eval mode for a bf16 kernel, rounding its scales to bf16: evaluations during
             # training would then see other weights than the steps, and the trained weights
-            # could no longer be de-quantised exactly.
+            # could no longer be de-quantised exactly. (It is also the only path that would use
+            # the `kernels` package whose absence afinar/__init__.py keeps bitsandbytes quiet on.)
             module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
