@@ -6,13 +6,17 @@ three bundled example tasks, in one run.
     python bench/bench_defaults.py --tasks ticket-routing --variants after
     python bench/bench_defaults.py --tasks ticket-routing \
         --variants after-no-preserve,after-no-task-prompts,after-no-data-system  # preserve ablation
+    python bench/bench_defaults.py --smoke --out PATH [--model DIR]   # does it still run?
 
 Per task and variant: held-out format adherence; exact and normalised match of the answers'
 rule-fixed part (soporte-triaje: the category and priority lines; the others: the whole answer);
 taught-format leaks into ordinary held-out prompts (outside the task's scope), the general probes,
 the probes asked under the task's own system prompt, the task's prompts under another system
 prompt, and the other two tasks' prompts under their own system prompts; the general probes'
-check pass rate against the base model's; training time. Writes bench/results/defaults.json.
+check pass rate against the base model's; training time. Writes bench/results/defaults.json
+(`--out`); the runs go under `--runs` (default runs/bench-defaults). `--smoke`: ticket-routing,
+"after", 2 steps, on a tiny random model (or --model), runs in a temporary folder
+(bench/_smoke.py); the tests run it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _smoke  # noqa: E402
 
 from afinar import TrainConfig, train  # noqa: E402
 from afinar.data.prepare import split_for  # noqa: E402
@@ -92,9 +99,10 @@ def _cross_task(run: Path, task: str, signature: str) -> tuple[int, int]:
     return _leaks(answers, signature), len(answers)
 
 
-def measure(task: str, variant: str, out_root: Path) -> dict:
+def measure(task: str, variant: str, out_root: Path, **settings) -> dict:
+    """`settings`: more TrainConfig values (the model, a step limit)."""
     data, checks_file = _task_files(task)
-    overrides = dict(VARIANTS[variant])
+    overrides = {**settings, **VARIANTS[variant]}
     if overrides.get("epochs") == "old-auto":
         total = len(load_examples(data).examples)
         n_train = total - len(_held_out(task))
@@ -175,27 +183,43 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--variants", default="before,after")
-    parser.add_argument("--out", default="runs/bench-defaults")
-    parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "defaults.json"))
+    parser.add_argument("--tasks", help=f"default {','.join(TASKS)}; --smoke: ticket-routing")
+    parser.add_argument("--variants", help="default before,after; --smoke: after")
+    parser.add_argument("--model", help="default the TrainConfig default (the embedded model); "
+                        "--smoke: a tiny random model")
+    parser.add_argument("--runs", help="folder for the runs, emptied first (default "
+                        "runs/bench-defaults; --smoke: a temporary folder)")
+    # --results: this option's name until the benchmarks' --smoke convention (--out = results).
+    parser.add_argument("--out", "--results", dest="out",
+                        help="the results file (default bench/results/defaults.json)")
+    _smoke.add_flag(parser)
     args = parser.parse_args()
+    out = _smoke.out_path(parser, args, ROOT / "bench" / "results" / "defaults.json")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out_root = Path(args.out)
-    if out_root.exists():
-        import shutil
+    tasks = args.tasks or ("ticket-routing" if args.smoke else ",".join(TASKS))
+    variants = args.variants or ("after" if args.smoke else "before,after")
+    settings = {"model": _smoke.smoke_model(args.model) if args.smoke else args.model}
+    if args.smoke:
+        settings["max_steps"] = 2
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.runs or not args.smoke:
+        out_root = Path(args.runs or "runs/bench-defaults")
+        if out_root.exists():
+            import shutil
 
-        shutil.rmtree(out_root)
+            shutil.rmtree(out_root)
+    else:
+        out_root = _smoke.scratch("afinar-smoke-defaults-")
     rows = []
-    for task in args.tasks.split(","):
-        for variant in args.variants.split(","):
+    for task in tasks.split(","):
+        for variant in variants.split(","):
             print(f"== {task} / {variant}", flush=True)
-            rows.append(measure(task, variant, out_root))
+            rows.append(measure(task, variant, out_root, **settings))
             print_table(rows[-1:])
     print()
     print_table(rows)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"rows": rows}, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"smoke": args.smoke, **settings, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

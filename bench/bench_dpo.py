@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_dpo.py [--steps 36] [--compile off|on] [--precision auto|fp32|bf16]
         [--out bench/results/dpo.json]
+    .venv/bin/python bench/bench_dpo.py --smoke --out PATH [--model DIR]   # does it still run?
 
 Needs the `dev` or `bench` extra (trl==1.16.0, datasets==5.2.0) and the embedded
 SmolLM2-135M-Instruct (converted once by any `afinar` command).
@@ -20,7 +21,8 @@ default 36 steps of 4 pairs are two epochs of the 72 pairs (`epochs: auto` gives
 TRL computes each pair's reference twice, afinar once.
 Tokens are non-padding tokens of both sides of every pair trained on.
 
-For reading, never for test assertions: see bench/README.md.
+For reading, never for test assertions: see bench/README.md. `--smoke`: both sides on a tiny
+random model (or --model), 2 steps (bench/_smoke.py); the tests run it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _smoke  # noqa: E402
 from bench_train import (DEFAULT_MODEL, LORA, MAX_GRAD_NORM, ROOT, SEED,  # noqa: E402
                          WARMUP_RATIO, _loadavg, _maxrss_mb, _resolved_precision, _run_child,
                          _warmup_steps,
@@ -175,10 +178,11 @@ def child_trl(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=36)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dpo.json")
+    parser.add_argument("--steps", type=int, default=None, help="default 36; --smoke: 2")
+    parser.add_argument("--out", type=Path, help="default bench/results/dpo.json")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, help=f"default {DEFAULT_MODEL}; --smoke: a tiny "
+                        "random model")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--compile", choices=["on", "off", "auto"], default="off",
@@ -187,11 +191,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["afinar", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    _smoke.add_flag(parser)
     args = parser.parse_args(argv)
     if args.child:
         result = (child_afinar if args.child == "afinar" else child_trl)(args)
         args.child_out.write_text(json.dumps(result))
         return 0
+    args.out = _smoke.out_path(parser, args, ROOT / "bench" / "results" / "dpo.json")
+    args.steps = args.steps or (2 if args.smoke else 36)
+    args.model = Path(_smoke.smoke_model(args.model) if args.smoke
+                      else args.model or DEFAULT_MODEL)
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model}: no converted model; run any `afinar` command once "
                          "or pass --model")
@@ -213,7 +222,7 @@ def main(argv=None) -> int:
         print(f"{label:26}{cells[0]:>12}{cells[1]:>12}")
     print(f"\ntokens/s afinar/TRL: {ratios['tokens_per_s']:.2f}x; peak RSS afinar/TRL: "
           f"{ratios['peak_rss_mb']:.2f}x")
-    out = {"settings": {"steps": args.steps, "pairs_per_step": PAIRS_PER_STEP, "lora": LORA,
+    out = {"smoke": args.smoke, "settings": {"steps": args.steps, "pairs_per_step": PAIRS_PER_STEP, "lora": LORA,
                         "beta": BETA, "learning_rate": LEARNING_RATE, "max_length": MAX_LENGTH,
                         "precision": _resolved_precision(args.precision), "threads": threads,
                         "afinar_compile": args.compile, "data": str(args.data.relative_to(ROOT))},

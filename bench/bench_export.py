@@ -3,22 +3,28 @@ merged weights, each verified; then decoding speed of llama.cpp on each GGUF nex
 model in transformers (what a user runs before exporting), on the same prompts in the same run.
 
     .venv/bin/python bench/bench_export.py RUN [--types f32,f16,bf16,q8_0,q4_k_m] [--prompts 8]
+    .venv/bin/python bench/bench_export.py --smoke --out PATH [RUN] [--model DIR]  # still runs?
 
 Per type it reports: export time (including verification), file size, greedy agreement with the
 trained model (share of the first 32 tokens that agree, over the golden held-out prompts), how
 many answers stopped by themselves, and greedy decode tokens/s as a ratio to transformers fp32.
-Numbers are for reading, never for assertions; nothing else should run meanwhile.
+Numbers are for reading, never for assertions; nothing else should run meanwhile. `--smoke`:
+f16 and q8_0, 2 prompts, 4 tokens, from RUN or else a run trained for two steps on a tiny random
+model (or --model) (bench/_smoke.py); the tests run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import _smoke  # noqa: E402
 
 
 def _decode_speed_transformers(run: str, prompts, tokens: int) -> float:
@@ -63,18 +69,29 @@ def _decode_speed_llama(path: Path, run: str, prompts, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("run")
-    parser.add_argument("--types", default="f32,f16,bf16,q8_0,q4_k_m")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64, help="decode length for tokens/s")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "export.json"))
+    parser.add_argument("run", nargs="?", help="a trained run (--smoke: optional)")
+    parser.add_argument("--types", help="default f32,f16,bf16,q8_0,q4_k_m; --smoke: f16,q8_0")
+    parser.add_argument("--prompts", type=int, help="default 8; --smoke: 2")
+    parser.add_argument("--tokens", type=int, help="decode length for tokens/s (default 64; "
+                        "--smoke: 4)")
+    parser.add_argument("--model", help="--smoke without RUN: the model its run trains")
+    parser.add_argument("--out", help="default bench/results/export.json")
+    _smoke.add_flag(parser)
     args = parser.parse_args()
+    out = _smoke.out_path(parser, args, ROOT / "bench" / "results" / "export.json")
+    smoke = args.smoke
+    if not args.run and not smoke:
+        parser.error("RUN is required")
+    args.run = args.run or _smoke.smoke_run(args.model)
+    args.types = args.types or ("f16,q8_0" if smoke else "f32,f16,bf16,q8_0,q4_k_m")
+    args.prompts = args.prompts or (2 if smoke else 8)
+    args.tokens = args.tokens or (4 if smoke else 64)
 
     from afinar.export import export
     from afinar.export.verify import VerificationFailed, golden_prompts
 
     prompts, _ = golden_prompts(Path(args.run), args.prompts)
-    results = {"run": args.run, "prompts": len(prompts), "decode_tokens": args.tokens, "types": {}}
+    results = {"smoke": smoke, "run": args.run, "prompts": len(prompts), "decode_tokens": args.tokens, "types": {}}
     base_speed = _decode_speed_transformers(args.run, prompts[:4], args.tokens)
     results["transformers_fp32_tokens_per_s"] = round(base_speed, 1)
     print(f"transformers fp32 greedy decode: {base_speed:.1f} tokens/s")
@@ -108,8 +125,9 @@ def main() -> None:
                     "greedy_agreement", "exact_first_tokens", "identical_answers")}
             results["types"][kind] = row
             print(kind, row)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"written {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_generate.py [--prompts 8] [--max-new-tokens 64]
         [--batched-prompts 36] [--batch-size 32] [--out bench/results/generate.json]
+    .venv/bin/python bench/bench_generate.py --smoke --out PATH [--model DIR]   # still runs?
 
 Model: the embedded SmolLM2-135M-Instruct. afinar generates with its own path
 (`afinar.infer.generate`: fp32 weights, greedy, the model's stop tokens), the way `afinar chat`,
@@ -15,7 +16,8 @@ model exported by afinar's own GGUF writer as f16, on the same threads.
 - batched: `--batched-prompts` prompts answered by afinar at `--batch-size` (what `afinar eval`
   does) against the same prompts one at a time (batch 1).
 
-The numbers are for reading, never for test assertions.
+The numbers are for reading, never for test assertions. `--smoke`: a tiny random model (or
+--model), 2 prompts alone and 3 at batch 2, 4 new tokens (bench/_smoke.py); the tests run it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import _smoke  # noqa: E402
 from bench_eval import held_out_prompts  # noqa: E402
 
 from afinar.export.gguf_write import write_model_gguf  # noqa: E402
@@ -68,22 +71,31 @@ def _llama_batch1(llama, loaded, prompts, max_new: int) -> tuple[float, list[lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batched-prompts", type=int, default=36)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
+    parser.add_argument("--prompts", type=int, help="default 8; --smoke: 2")
+    parser.add_argument("--max-new-tokens", type=int, help="default 64; --smoke: 4")
+    parser.add_argument("--batched-prompts", type=int, help="default 36; --smoke: 3")
+    parser.add_argument("--batch-size", type=int, help="default 32; --smoke: 2")
+    parser.add_argument("--model", help="default smollm2-135m-instruct; --smoke: a tiny random "
+                        "model")
+    parser.add_argument("--out", help="default bench/results/generate.json")
+    _smoke.add_flag(parser)
     args = parser.parse_args()
+    out = _smoke.out_path(parser, args, ROOT / "bench" / "results" / "generate.json")
+    for name, real, smoke in (("prompts", 8, 2), ("max_new_tokens", 64, 4),
+                              ("batched_prompts", 36, 3), ("batch_size", 32, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else real)
+    model = _smoke.smoke_model(args.model) if args.smoke else args.model or "smollm2-135m-instruct"
 
-    loaded = load("smollm2-135m-instruct", notify=lambda message: None)
+    loaded = load(model, notify=lambda message: None)
     prompts = held_out_prompts(max(args.prompts, args.batched_prompts))
     loaded.generate(prompts[:1], GenerationSettings(max_new_tokens=4), 1)  # warm-up
     results: dict = {"threads": torch.get_num_threads()}
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
-        gguf = Path(tmp) / "smollm2-f16.gguf"
+        gguf = Path(tmp) / "model-f16.gguf"
         write_model_gguf(loaded.model, loaded.tokenizer, loaded.stop_ids, gguf, "f16",
-                         "smollm2-135m-instruct")
+                         Path(model).name)
         with LlamaCpp(gguf, n_ctx=1024) as llama:
             llama.greedy(loaded.prompt_ids(prompts[0]), 4)  # warm-up
             few = prompts[:args.prompts]
@@ -104,26 +116,26 @@ def main() -> None:
 
     many = prompts[:args.batched_prompts]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    rows = {}
+    rows, seconds = {}, {}
     for size in (1, args.batch_size):
         started = time.perf_counter()
         done = loaded.complete(many, settings, batch_size=size)
-        seconds = time.perf_counter() - started
+        seconds[size] = time.perf_counter() - started
         tokens = sum(c.completion_tokens for c in done)
-        rows[f"batch{size}"] = {"seconds": round(seconds, 2), "new_tokens": tokens,
-                                "new_tokens_per_s": round(tokens / seconds, 1),
+        rows[f"batch{size}"] = {"seconds": round(seconds[size], 2), "new_tokens": tokens,
+                                "new_tokens_per_s": round(tokens / seconds[size], 1),
                                 "texts": [c.text for c in done]}
     one, big = rows["batch1"], rows[f"batch{args.batch_size}"]
     big["answers_identical_to_batch1"] = sum(a == b for a, b in zip(big["texts"], one["texts"]))
     for row in rows.values():
         row.pop("texts")
-    results["batched"] = {"prompts": len(many), **rows,
-                          "speedup_over_batch1": round(one["seconds"] / big["seconds"], 2)}
+    results["batched"] = {"prompts": len(many), **rows, "speedup_over_batch1": round(
+        seconds[1] / seconds[args.batch_size], 2)}  # unrounded: a smoke run takes milliseconds
 
-    record = {"benchmark": "generate", "machine": platform.processor() or platform.machine(),
+    record = {"benchmark": "generate", "smoke": args.smoke, "model": model, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -1,6 +1,7 @@
 """What turning off llama.cpp's repacked weights costs (afinar's fix for the AMX crash).
 
     .venv/bin/python bench/bench_llama_repack.py RUN [--types f16,q8_0,q4_0,q4_k_m] [--repeats 3]
+    .venv/bin/python bench/bench_llama_repack.py --smoke --out PATH [RUN] [--model DIR]
 
 RUN is a trained run (the demo's, say). Each type is exported without verification, then every
 (type, repack on/off) pair is measured in a child process of its own, alternating on and off
@@ -8,7 +9,9 @@ RUN is a trained run (the demo's, say). Each type is exported without verificati
 batch-1 greedy decode tokens/s over 64 tokens. A child that crashes (repack on, on an AMX CPU)
 is reported as crashed with its signal, which is the defect the setting avoids. Prints the CPU's
 AMX/AVX512 flags; writes bench/results/llama_repack-<cpu kind>.json. Numbers are for reading,
-never for assertions; nothing else should run meanwhile.
+never for assertions; nothing else should run meanwhile. `--smoke` (does it still run?): f16
+only, once each way, 4 tokens, from RUN or else a run trained for two steps on a tiny random
+model (or --model) (bench/_smoke.py); the tests run it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import _smoke  # noqa: E402
+
 PROMPT = ("<|im_start|>system\nEres un asistente de soporte.<|im_end|>\n<|im_start|>user\n"
           + "El pedido llegó con la caja abierta y falta una pieza del montaje. " * 12
           + "<|im_end|>\n<|im_start|>assistant\n")
@@ -75,19 +81,26 @@ def _cpu() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("run", nargs="?")
-    parser.add_argument("--types", default="f16,q8_0,q4_0,q4_k_m")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("run", nargs="?", help="a trained run (--smoke: optional)")
+    parser.add_argument("--types", help="default f16,q8_0,q4_0,q4_k_m; --smoke: f16")
+    parser.add_argument("--repeats", type=int, help="default 3; --smoke: 1")
+    parser.add_argument("--tokens", type=int, help="default 64; --smoke: 4")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--repack", choices=["on", "off"], help=argparse.SUPPRESS)
-    parser.add_argument("--out")
+    parser.add_argument("--model", help="--smoke without RUN: the model its run trains")
+    parser.add_argument("--out", help="default bench/results/llama_repack-<cpu kind>.json")
+    _smoke.add_flag(parser)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(_measure(args.measure, args.repack == "on", args.tokens)))
         return
-    if not args.run:
+    out_file = _smoke.out_path(parser, args, None)
+    if not args.run and not args.smoke:
         parser.error("RUN is required")
+    args.run = args.run or _smoke.smoke_run(args.model)
+    args.types = args.types or ("f16" if args.smoke else "f16,q8_0,q4_0,q4_k_m")
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.tokens = args.tokens or (4 if args.smoke else 64)
 
     from afinar.export import export
 
@@ -96,7 +109,7 @@ def main() -> None:
         "avx512bf16" if "avx512_bf16" in cpu["flags"] else "no-bf16"
     print(f"CPU: {cpu['model']} flags {' '.join(cpu['flags'])}; afinar's default: repacked "
           f"weights {'on' if cpu['afinar_default_repack'] else 'off'}")
-    results = {"run": args.run, "cpu": cpu, "decode_tokens": args.tokens, "types": {}}
+    results = {"smoke": args.smoke, "run": args.run, "cpu": cpu, "decode_tokens": args.tokens, "types": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for quant in args.types.split(","):
             out = export(args.run, to="gguf", quant=quant, output=f"{scratch}/{quant}",
@@ -123,7 +136,8 @@ def main() -> None:
                                                  / on["prefill_tokens_per_s"], 2)
             results["types"][quant] = row
             print(quant, json.dumps(row))
-    out_file = Path(args.out or ROOT / "bench" / "results" / f"llama_repack-{kind}.json")
+    out_file = out_file or ROOT / "bench" / "results" / f"llama_repack-{kind}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(results, indent=1) + "\n")
     print(f"written {out_file}")
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_train.py [--steps 12] [--precision auto|fp32|bf16]
         [--compile on|off|auto] [--out bench/results/train.json]
+    .venv/bin/python bench/bench_train.py --smoke --out PATH [--model DIR]   # does it still run?
 
 Needs the `bench` extra (trl==1.16.0, datasets==5.2.0) and the embedded SmolLM2-135M-Instruct
 (converted once by any `afinar` command, into ~/.cache/afinar/models/smollm2-135m-instruct).
@@ -24,7 +25,8 @@ the model's own shapes) and each side's share of it: 4 FLOPs per frozen linear w
 lower bound).
 
 The numbers are for reading, never for test assertions: a 2-core machine shared with other jobs
-is noisy; see bench/README.md.
+is noisy; see bench/README.md. `--smoke`: the same two sides on a tiny random model (or --model),
+2 steps, compile off, a shorter matmul probe (bench/_smoke.py); the tests run it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import _smoke  # noqa: E402
+
 DEFAULT_MODEL = Path.home() / ".cache" / "afinar" / "models" / "smollm2-135m-instruct"
 DEFAULT_DATA = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
 
@@ -92,9 +97,10 @@ def _device_peak_mb(device: str) -> float | None:
     return None
 
 
-def matmul_peak(model_dir: Path, threads: int, device: str = "cpu") -> dict:
+def matmul_peak(model_dir: Path, threads: int, device: str = "cpu", seconds: float = 0.5) -> dict:
     """GFLOP/s of the model's own matmul shapes (800 rows: a batch of 4 x 200 tokens), fp32 and
-    bf16, on `threads` threads: the best the machine does for this model's arithmetic."""
+    bf16, on `threads` threads, `seconds` per shape: the best the machine does for this model's
+    arithmetic."""
     import torch
 
     torch.set_num_threads(threads)
@@ -115,7 +121,7 @@ def matmul_peak(model_dir: Path, threads: int, device: str = "cpu") -> dict:
             sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
             sync()
             reps, started = 0, time.perf_counter()
-            while time.perf_counter() - started < 0.5:
+            while time.perf_counter() - started < seconds:
                 a @ b
                 reps += 1
             sync()
@@ -202,10 +208,12 @@ def child_afinar(args) -> dict:
 
     import afinar.train.loop as loop
     from afinar.config import LoraSettings, TrainConfig
+    from afinar.train.objectives import Supervised
 
-    # Instrumentation only: count real and padded tokens of every collated training batch.
+    # Instrumentation only: count real and padded tokens of every batch the SFT objective
+    # collates for the loop (the loop calls `objective.collate`).
     batches: list[tuple[int, int]] = []
-    original_collate = loop.collate
+    original_collate = Supervised.collate
 
     def counting_collate(items, pad_id):
         batch = original_collate(items, pad_id)
@@ -213,7 +221,7 @@ def child_afinar(args) -> dict:
                         int(batch["input_ids"].shape[1])))
         return batch
 
-    loop.collate = counting_collate
+    Supervised.collate = staticmethod(counting_collate)
 
     marks: dict = {}
     step_losses: list[float] = []
@@ -469,27 +477,36 @@ def _table(a: dict, b: dict, ratios: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per side")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per side (default 12; --smoke: 2)")
+    parser.add_argument("--out", type=Path, help="default bench/results/train.json")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OMP threads for both sides (default: torch's default)")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, help=f"default {DEFAULT_MODEL}; --smoke: a tiny "
+                        "random model")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="both sides; auto: bf16 on a CPU with native bf16, else fp32")
-    parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
+    parser.add_argument("--compile", choices=["on", "off", "auto"], default=None,
                         help="afinar's `compile` setting (default on: steady-state speed; the "
-                        "compile itself is in first_step_seconds)")
+                        "compile itself is in first_step_seconds; --smoke: off)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: both sides; on "
                         "a GPU the peak GPU memory is reported as device_peak_mb")
     parser.add_argument("--child", choices=["afinar", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    _smoke.add_flag(parser)
     args = parser.parse_args(argv)
 
     if args.child:
         result = (child_afinar if args.child == "afinar" else child_trl)(args)
         args.child_out.write_text(json.dumps(result))
         return 0
+
+    args.out = _smoke.out_path(parser, args, ROOT / "bench" / "results" / "train.json")
+    args.steps = args.steps or (2 if args.smoke else 12)
+    args.compile = args.compile or ("off" if args.smoke else "on")
+    args.model = Path(_smoke.smoke_model(args.model) if args.smoke
+                      else args.model or DEFAULT_MODEL)
 
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model}: no converted model; run any `afinar` command once "
@@ -510,7 +527,7 @@ def main(argv=None) -> int:
             versions[name] = None
 
     precision = _resolved_precision(args.precision, args.device)
-    peak = matmul_peak(args.model, threads, args.device)
+    peak = matmul_peak(args.model, threads, args.device, 0.05 if args.smoke else 0.5)
     flops_per_token = 4 * frozen_linear_params(args.model)
     print(f"matmul peak on the model's shapes, {threads} threads: fp32 {peak['fp32']} GFLOP/s, "
           f"bf16 {peak['bf16']} GFLOP/s; training in {precision}", flush=True)
@@ -549,7 +566,7 @@ def main(argv=None) -> int:
     print("noisy on a shared 2-core machine: compare ratios across repeated runs, not one run.")
 
     report = {
-        "benchmark": "train", "steps": args.steps, "threads": threads, "run_order": order,
+        "benchmark": "train", "smoke": args.smoke, "steps": args.steps, "threads": threads, "run_order": order,
         "settings": {"lora": LORA, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                      "lr_scheduler": "cosine", "warmup_steps": _warmup_steps(args.steps),
                      "max_length": MAX_LENGTH, "max_grad_norm": MAX_GRAD_NORM, "seed": SEED,

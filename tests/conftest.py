@@ -12,69 +12,19 @@ from pathlib import Path
 
 import pytest
 
+# Re-exported: tests import the builders from conftest.
+from tiny_llama import CHATML, build_tiny_model, build_tokenizer  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 # The serve tests' fixtures (`server`, `client`) live in tests/serving.py; the dashboard
 # browser tests' (`dash`, `page`) in tests/browser.py.
 pytest_plugins = ["serving", "browser"]
-BUNDLED = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
 
 # The embedded model's converted copy is cached here across local runs (CI converts it once).
 os.environ.setdefault("AFINAR_HOME", str(ROOT / ".afinar-test-home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a test model.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def _corpus() -> list[str]:
-    lines = []
-    for raw in BUNDLED.read_text(encoding="utf-8").splitlines():
-        for m in json.loads(raw)["messages"]:
-            lines.append(m["content"])
-    return lines + ["hello world", "the quick brown fox", "system user assistant"]
-
-
-def build_tokenizer(template: str = CHATML, bos: str | None = None, eos: str = "<|im_end|>",
-                    pad: str | None = "<|im_end|>", extra_specials: tuple[str, ...] = (),
-                    added: tuple[str, ...] = ()):
-    """`extra_specials`: more special tokens (a family's control tokens); `added`: tokens kept
-    whole but decoded as text (like Qwen3's <think>)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", *extra_specials]
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if added:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token=eos, pad_token=pad,
-        bos_token=bos)
-    fast.chat_template = template
-    return fast
-
-
-def build_tiny_model(tokenizer, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
