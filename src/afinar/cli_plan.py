@@ -87,10 +87,14 @@ def print_plan(plan) -> None:
     for note in d["notes"]:
         out.print(f"  note: {note}")
     t = d["time"]
+    if "efficiency" in t:  # from the matmul peak (a GPU)
+        source = (f"{t['throughput_source']}: {d['target']['tflops']} TFLOP/s, "
+                  f"{t['efficiency']:.0%} of it; {t['flops_per_token'] / 1e9:.2f} GFLOP per token")
+    else:  # from a training step measured on this machine
+        source = t["throughput_source"] + ("; compiled layers" if t.get("compiled") else "")
     out.print(f"time ≈ {duration(t['train_seconds'])} training + "
               f"{duration(t['eval_seconds'])} held-out evaluation at ≈ {t['tokens_per_s']:,} "
-              f"tokens/s ({t['throughput_source']}: {d['target']['tflops']} TFLOP/s, "
-              f"{t['efficiency']:.0%} of it; {t['flops_per_token'] / 1e9:.2f} GFLOP per token)")
+              f"tokens/s ({source})")
     cost = Table(title="Cost of this run (edit the prices: AFINAR_HOME/hardware.yaml)",
                  title_justify="left")
     for column in ("GPU", "memory", "fits", "time", "USD/h", "USD"):

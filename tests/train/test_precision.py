@@ -1,10 +1,11 @@
 """Every precision path on any CPU, and `train()` again and again in one process.
 
 A CPU without native bf16 still runs the bf16 autocast path here (slowly; the model is tiny), and
-a CPU with it still runs fp32. What `precision: auto` decides depends on the CPU's flags: the
-tests that need the other kind of CPU than this one replace only the flag check
-(`cpu_has_fast_bf16`), since an AMX or AVX512-BF16 CPU cannot be conjured on a machine without
-one; everything after that decision runs for real.
+a CPU with it still runs fp32. What `precision: auto` decides on a CPU is measured (a probed step
+in each precision, plan/speed.py; tests/plan/test_speed.py): tests read the choice a run recorded
+rather than assume it. The one test that needs `auto` to land on bf16 whatever this CPU measures
+replaces only the verdict (an AMX or AVX512-BF16 CPU cannot be conjured on a machine without
+one); everything after that decision runs for real.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from afinar.config import TrainConfig
 from afinar.errors import AfinarError
 from afinar.models import adapters
 from afinar.models import load as load_mod
+from afinar.plan import speed
 from afinar.train import loop
 from afinar.train.loop import train
 
@@ -51,11 +53,13 @@ def _run_precision(run) -> str:
 def test_train_again_and_again_in_one_process_with_any_precision(tmp_path, tiny_model_dir,
                                                                  small_chat_file, monkeypatch):
     dtypes = _matmul_dtypes(monkeypatch)
-    auto = "bf16" if load_mod.cpu_has_fast_bf16() else "fp32"  # this CPU's, unpatched
     for i, precision in enumerate(["fp32", "bf16", "fp32", "auto", "bf16"]):
         dtypes.clear()
         result = train(_config(tmp_path, f"run{i}", small_chat_file, tiny_model_dir, precision))
-        picked = auto if precision == "auto" else precision
+        picked = precision
+        if precision == "auto":  # what this CPU measured for this model
+            info = json.loads((result.run_dir / rundir.RUN_FILE).read_text())
+            picked = speed.decide(info["precision_probe_seconds"])[0]
         assert _run_precision(result) == picked
         assert result.summary["steps"] == 4
         assert (result.run_dir / rundir.ADAPTER_DIR / "adapter_model.safetensors").is_file()
@@ -69,7 +73,8 @@ def test_train_again_and_again_in_one_process_with_any_precision(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_follows_the_cpu(monkeypatch, fast_bf16, expected):
+def test_without_a_measurement_auto_follows_the_cpu_flags(monkeypatch, fast_bf16, expected):
+    """pick_precision is the rule for what cannot be measured alone (several processes)."""
     monkeypatch.setattr(load_mod, "cpu_has_fast_bf16", lambda: fast_bf16)
     assert load_mod.pick_precision("auto", torch.device("cpu")) == expected
     for explicit in ("fp32", "bf16"):  # an explicit choice is kept on every CPU
@@ -88,7 +93,8 @@ def test_auto_on_a_bf16_cpu_after_an_fp32_run(tmp_path, tiny_model_dir, small_ch
     process failed inside accelerate."""
     first = train(_config(tmp_path, "fp32", small_chat_file, tiny_model_dir, "fp32"))
     assert _run_precision(first) == "fp32"
-    monkeypatch.setattr(load_mod, "cpu_has_fast_bf16", lambda: True)
+    # The verdict of a CPU where bf16 measures faster (this one may not be such a CPU).
+    monkeypatch.setattr(speed, "decide", lambda measured: ("bf16", "precision auto: bf16"))
     second = train(_config(tmp_path, "auto", small_chat_file, tiny_model_dir, "auto"))
     assert _run_precision(second) == "bf16"
 

@@ -17,11 +17,22 @@ from afinar.plan.activations import ActivationProbe, probe_activations
 from afinar.plan.hardware import Target, hardware_table
 from afinar.plan.memory import (MB, MemoryParts, WeightBudget, memory_parts, resident_weights,
                                 weight_budget)
+from afinar.plan.speed import StepProbe
 
 # Share of the measured matmul peak a LoRA training step reaches on a CPU (norms, rotary,
 # softmax, the optimizer and Python between the matmuls): measured with the embedded model on a
 # 2-core Zen 3 in fp32 (bench/bench_plan.py prints the ratio of estimated to measured time).
 CPU_EFFICIENCY = 0.45
+# The step probe (plan/speed.py) runs eagerly with glibc's default heap. The loop's measured
+# tokens/s over the probe's, on the embedded model (2-core EPYC with AVX512-BF16, 2026-12-05,
+# 16 steps of the bundled data, with other work on the cores): compiled layers fp32 0.98, bf16
+# 0.79; eager steps that return freed memory to the OS (train/host_memory.py: fresh pages
+# faulted every step) fp32 0.80, bf16 0.71. bench/bench_plan.py prints planned against measured.
+COMPILED_SPEED = 0.9
+EAGER_CPU_SPEED = 0.75
+# Inductor's first compile of a decoder layer (forward and backward graphs) on a small CPU; a few
+# seconds when its on-disk cache already holds the graphs.
+COMPILE_SECONDS = 30.0
 CUDA_CONTEXT_BYTES = 500 * MB  # the CUDA context and cuBLAS workspace, outside torch's count
 
 
@@ -96,12 +107,12 @@ class Plan:
                 f"({self.target.name}); weights {self.chosen.memory.weights / MB:,.0f} MB, "
                 f"activations {self.chosen.memory.activations / MB:,.0f} MB; checkpointing "
                 f"{'on' if s.gradient_checkpointing else 'off'}; ≈ "
-                f"{duration(self.time['train_seconds'])} for {self.data['epochs']} epoch(s)")
+                f"{duration(self.time['train_seconds'])} for {self.data['epochs']:.3g} epoch(s)")
 
     def to_dict(self) -> dict:
         def option(o: Option) -> dict:
             return {**o.settings.__dict__, "peak_memory_mb": round(o.peak_bytes / MB, 1),
-                    "memory_mb": o.memory.as_mb()}
+                    "memory_mb": o.memory.as_mb(), "loading_mb": round(o.loading_bytes / MB, 1)}
         return {
             "model": self.model, "data": self.data, "precision": self.precision,
             "target": {"name": self.target.name, "kind": self.target.kind,
@@ -159,9 +170,12 @@ def _flops_per_token(weights: WeightBudget, model_config, method: str, seq_len: 
 
 def make_plan(config, model_config, data: PlanData, target: Target, precision: str,
               budget_bytes: int, runtime_bytes: int, world_size: int = 1,
-              probe: ActivationProbe | None = None, file_bytes: dict | None = None) -> Plan:
+              probe: ActivationProbe | None = None, file_bytes: dict | None = None,
+              speed: StepProbe | None = None, compiled: bool = False) -> Plan:
     """file_bytes: the checkpoint's bytes per dtype (memory.checkpoint_bytes), for the loading
-    peak on a CPU; None when the files are not local."""
+    peak on a CPU; None when the files are not local. speed: a training step measured on this
+    machine (plan/speed.py), which times the run instead of the matmul peak; compiled: whether
+    the loop compiles its decoder layers (it runs at another speed then)."""
     file_bytes = file_bytes or {}
     quant = config.quantization
     lora = config.lora if config.method == "lora" else None
@@ -216,8 +230,12 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
 
     weights = weights_for(quant)
     padded = _padded_tokens(data, chosen.settings.batch_size, config.seed)
-    time = _time_estimate(config, model_config, data, target, weights, chosen.settings,
-                          world_size, padded)
+    if speed is not None:
+        time = _probed_time(config, model_config, data, speed, weights, chosen.settings,
+                            world_size, padded, compiled)
+    else:
+        time = _time_estimate(config, model_config, data, target, weights, chosen.settings,
+                              world_size, padded)
     return Plan(
         model={"name": config.model, "architecture": type(model_config).__name__,
                "parameters": weights.total_params, "linear_parameters": weights.linear_params,
@@ -275,6 +293,42 @@ def _time_estimate(config, model_config, data: PlanData, target: Target, weights
             "tokens_per_s": round(rate / per_token, 1), "efficiency": efficiency,
             "throughput_source": "measured here" if target.measured else "datasheet × mfu",
             "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1)}
+
+
+def _probed_time(config, model_config, data: PlanData, speed: StepProbe, weights: WeightBudget,
+                 settings: Settings, world_size: int, padded: int, compiled: bool) -> dict:
+    """The run's time from a step measured on this machine: decoder layers by padded token,
+    the head by labelled token, the optimizer by step and trained weight."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+    layers = int(text.num_hidden_layers)
+    per_layer_token = speed.layer_seconds / speed.tokens
+    forward_layer_token = speed.layer_forward_seconds / speed.tokens
+    if settings.gradient_checkpointing:  # every layer's forward runs again in the backward pass
+        per_layer_token += forward_layer_token
+    per_label = speed.outside_seconds * speed.vocab_scale / max(1, speed.labelled)
+    steps = -(-len(data.lengths) // settings.batch_size) // settings.gradient_accumulation_steps
+    optimizer = speed.optimizer_seconds * weights.trainable_params / max(1, speed.trainable)
+    factor = COMPILED_SPEED if compiled else EAGER_CPU_SPEED
+    epoch = (layers * per_layer_token * padded + per_label * sum(data.targets)
+             + optimizer * max(1, steps)) / factor / world_size
+    train_seconds = epoch * data.epochs + (COMPILE_SECONDS if compiled else 0.0)
+    # An evaluation is a forward pass: the layers' forward and a third of the head's work (its
+    # logits, without the gradients the training pass computes with them).
+    held_share = sum(data.targets) / max(1, sum(data.lengths))
+    eval_token = (layers * forward_layer_token + per_label * held_share / 3) / factor
+    eval_seconds = data.held_out_tokens * data.evaluations * eval_token / world_size
+    tokens_per_s = sum(data.lengths) / max(1e-9, epoch)
+    return {"padded_tokens_per_epoch": padded, "tokens_per_s": round(tokens_per_s, 1),
+            "throughput_source": f"a {speed.precision} training step measured here "
+                                 f"({speed.rows}x{speed.seq_len} tokens, 2 real-shaped layers)",
+            "compiled": compiled, "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(eval_seconds, 1),
+            "step_probe": {"layer_s": round(speed.layer_seconds, 5),
+                           "layer_forward_s": round(speed.layer_forward_seconds, 5),
+                           "outside_s": round(speed.outside_seconds, 5),
+                           "optimizer_s": round(speed.optimizer_seconds, 5),
+                           "tokens": speed.tokens, "labelled": speed.labelled}}
 
 
 def _costs(config, model_config, data: PlanData, time: dict, target: Target, weights,

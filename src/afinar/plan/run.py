@@ -38,8 +38,11 @@ def as_sequences(items: list) -> list:
 
 def plan_for_config(config: TrainConfig, train, held, epochs: int, device, precision: str,
                     model_config=None, target: Target | None = None,
-                    weights_folder: str | None = None) -> Plan:
+                    weights_folder: str | None = None, compiled: bool = False) -> Plan:
+    """On this machine's CPU the time comes from a training step measured here (plan/speed.py,
+    cached); for a GPU, from its matmul throughput."""
     from afinar.models.shape import read_model_config
+    from afinar.plan.speed import probe_for
 
     if train is not as_sequences(train):  # a batch of N pairs is 2N sequences
         train, held = as_sequences(train), as_sequences(held)
@@ -53,9 +56,13 @@ def plan_for_config(config: TrainConfig, train, held, epochs: int, device, preci
     runtime = process_rss() if target.kind == "cpu" else 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = PlanData.from_tokenized(train, epochs, held, EVALUATIONS)
+    speed = None
+    if target.kind == "cpu" and train:
+        speed = probe_for(config, model_config, precision, data.lengths)
     return make_plan(config, model_config, data, target, precision,
                      _budget(config, target, runtime), runtime, world,
-                     file_bytes=checkpoint_bytes(weights_folder) if weights_folder else None)
+                     file_bytes=checkpoint_bytes(weights_folder) if weights_folder else None,
+                     speed=speed, compiled=compiled)
 
 
 def plan_command(config: TrainConfig, device_name: str | None = None,
@@ -81,21 +88,30 @@ def plan_command(config: TrainConfig, device_name: str | None = None,
     epochs = (auto_epochs(len(data.train), sum(len(t.input_ids) for t in as_sequences(data.train)))
               if config.epochs == "auto" else config.epochs)
     if config.max_steps:
-        epochs = min(epochs, _epochs_for_steps(config, len(data.train)))
+        epochs = min(epochs, epochs_for_steps(config, len(data.train)))
     if device_name:
         target = find_target(device_name)
         precision = config.precision if config.precision != "auto" else (
             "bf16" if target.bf16 else "fp16")
         device = None
+        reason = (f"precision {precision} (as configured)" if config.precision != "auto" else
+                  f"precision auto: {precision}, the fastest half precision {target.name} has")
     else:
+        from afinar.plan.speed import choose_precision
+
         device = pick_device(config.device)
-        precision = pick_precision(config.precision, device)
-        target = None
-    return plan_for_config(config, data.train, data.held, epochs, device, precision,
+        pick_precision(config.precision, device)  # a precision this device lacks fails here
+        choice = choose_precision(config, model_config, device,
+                                  [len(t.input_ids) for t in as_sequences(data.train)])
+        precision, reason, target = choice.precision, choice.reason, None
+    plan = plan_for_config(config, data.train, data.held, epochs, device, precision,
                            model_config=model_config, target=target, weights_folder=weights)
+    plan.notes.insert(0, reason)
+    return plan
 
 
-def _epochs_for_steps(config: TrainConfig, n_train: int) -> float:
+def epochs_for_steps(config: TrainConfig, n_train: int) -> float:
+    """The epochs `max_steps` lets a run train on `n_train` examples (a fraction, often)."""
     per_epoch = max(1, -(-n_train // config.batch_size) // config.gradient_accumulation_steps)
     return config.max_steps / per_epoch
 
@@ -116,4 +132,5 @@ def does_not_fit_error(plan: Plan, config: TrainConfig) -> AfinarError:
                        + (" (max_memory)" if config.max_memory else ""), hint)
 
 
-__all__ = ["plan_for_config", "plan_command", "does_not_fit_error", "with_settings"]
+__all__ = ["plan_for_config", "plan_command", "does_not_fit_error", "with_settings",
+           "epochs_for_steps"]

@@ -43,7 +43,9 @@ from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
 from afinar.models.registry import BASE_MODELS, resolve_model
 from afinar.models.shape import read_model_config
 from afinar.paths import sha256_file
-from afinar.plan.run import as_sequences, does_not_fit_error, plan_for_config
+from afinar.plan.run import (as_sequences, does_not_fit_error, epochs_for_steps,
+                             plan_for_config)
+from afinar.plan.speed import choose_precision
 from afinar.train import sharding
 from afinar.train import state as ckpt
 from afinar.train.accelerator import make_accelerator
@@ -263,7 +265,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     # Everything a user can get wrong (files, settings, data lines, the model's name) is checked
     # before anything heavy is built: the model's weights, the accelerator, a process group.
     device = pick_device(config.device)
-    precision = pick_precision(config.precision, device)
+    pick_precision(config.precision, device)  # a precision this device lacks fails here
     main = _is_main_rank()
     if not main:  # one voice per run: only rank 0 reports progress
         emit = lambda event: None  # noqa: E731 (say() calls emit, so it goes quiet too)
@@ -276,6 +278,11 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                           sum(len(t.input_ids) for t in as_sequences(data.train)))
               if config.epochs == "auto" else config.epochs)
     model_config = read_model_config(resolved.weights)
+    # `auto` on a CPU: the faster of fp32 and bf16 for this model, measured (plan/speed.py).
+    choice = choose_precision(config, model_config, device,
+                              [len(t.input_ids) for t in as_sequences(data.train)])
+    precision = choice.precision
+    say(choice.reason)
     replay = None
     if config.preserve_on():
         replay = build_replay(config, resolved, encoder, data.train_examples, data.train,
@@ -287,9 +294,11 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
     # The memory plan, from the model's configuration and the data's lengths: a run that
     # cannot fit stops here, before the weights load, with the settings that would fit.
     epoch_items = data.train + ([replay.items[i] for i in replay.for_epoch(0)] if replay else [])
-    plan = plan_for_config(config, epoch_items, data.held, epochs, device, precision,
+    # What the run will train: max_steps may end it before its epochs do.
+    plan_epochs = min(epochs, epochs_for_steps(config, len(epoch_items))) if config.max_steps \
+        else epochs
+    plan = plan_for_config(config, epoch_items, data.held, plan_epochs, device, precision,
                            model_config=model_config, weights_folder=resolved.weights)
-    say(plan.summary_line())
     if not plan.fits:
         raise does_not_fit_error(plan, config)
     checkpointing = plan.chosen.settings.gradient_checkpointing
@@ -300,6 +309,16 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                                    sharded=sharding.sharded_launch())
     if config.compile is not False:
         say(why)
+    if compiled:  # compiled layers run at another speed (and keep other activations)
+        compiled_plan = plan_for_config(config, epoch_items, data.held, plan_epochs, device,
+                                        precision, model_config=model_config,
+                                        weights_folder=resolved.weights, compiled=True)
+        if compiled_plan.fits:
+            plan = compiled_plan
+        else:
+            compiled = False
+            say("compile: off (the compiled layers would not fit the memory budget)")
+    say(plan.summary_line())
 
     accelerator = make_accelerator(device, precision)
     set_seed(config.seed)
@@ -325,7 +344,8 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
         tokenizer.save_pretrained(run / rundir.TOKENIZER_DIR)
         data_file = Path(config.data)
         _write_run_info(run, config, "running", base_model_path=resolved.weights,
-                        precision=precision, device=str(accelerator.device),
+                        precision=precision, precision_reason=choice.reason,
+                        precision_probe_seconds=choice.measured, device=str(accelerator.device),
                         data_sha256=sha256_file(data_file), data_size=data_file.stat().st_size)
         _register(run, emit)
 
