@@ -9,7 +9,8 @@ Needs the `bench` extra (trl==1.16.0, datasets==5.2.0) and the embedded SmolLM2-
 
 Both sides: LoRA r=16, alpha=32, dropout 0, all-linear; batch 4; lr 1e-3, cosine schedule with
 10% warmup; grad-norm clip 1.0; no weight decay; the same precision on CPU (fp32, or bf16 autocast
-over fp32 master weights; auto picks bf16 only on a CPU with native bf16, as afinar does);
+over fp32 master weights; auto: what afinar measures faster for this model, and TRL then
+trains in the same);
 seed 42; same number of optimizer steps; the same 135 examples with loss on assistant tokens only (incl. <|im_end|>); max length 512;
 no evaluation and no checkpointing in the timed steps (afinar: see README for its final save).
 
@@ -236,6 +237,8 @@ def child_afinar(args) -> dict:
                          total_steps=event["total_steps"])
         elif event["type"] == "step":
             step_losses.append(event["train_loss"])
+        elif event["type"] == "log" and event["message"].startswith("precision "):
+            marks["precision_reason"] = event["message"]
         elif event["type"] == "end":
             marks["compiled"] = event.get("compiled")
 
@@ -413,8 +416,10 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _run_child(side: str, args, threads: int, script: Path | None = None) -> dict:
-    """Runs `script` (default: this file) with --child SIDE; its JSON result."""
+def _run_child(side: str, args, threads: int, script: Path | None = None,
+               precision: str | None = None) -> dict:
+    """Runs `script` (default: this file) with --child SIDE (in `precision`, default the
+    requested one); its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -423,7 +428,7 @@ def _run_child(side: str, args, threads: int, script: Path | None = None) -> dic
         out = Path(handle.name)
     cmd = [sys.executable, str((script or Path(__file__)).resolve()), "--child", side,
            "--child-out", str(out), "--steps", str(args.steps), "--threads", str(threads),
-           "--model", str(args.model), "--data", str(args.data), "--precision", args.precision,
+           "--model", str(args.model), "--data", str(args.data), "--precision", precision or args.precision,
            "--compile", args.compile, "--device", args.device]
     load_before = _loadavg()
     print(f"[{side}] running {args.steps} steps ({threads} threads)...", flush=True)
@@ -486,7 +491,7 @@ def main(argv=None) -> int:
                         "random model")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="both sides; auto: bf16 on a CPU with native bf16, else fp32")
+                        help="both sides; auto: afinar's measured choice, which TRL then uses")
     parser.add_argument("--compile", choices=["on", "off", "auto"], default=None,
                         help="afinar's `compile` setting (default on: steady-state speed; the "
                         "compile itself is in first_step_seconds; --smoke: off)")
@@ -526,13 +531,18 @@ def main(argv=None) -> int:
         except md.PackageNotFoundError:
             versions[name] = None
 
-    precision = _resolved_precision(args.precision, args.device)
     peak = matmul_peak(args.model, threads, args.device, 0.05 if args.smoke else 0.5)
     flops_per_token = 4 * frozen_linear_params(args.model)
     print(f"matmul peak on the model's shapes, {threads} threads: fp32 {peak['fp32']} GFLOP/s, "
-          f"bf16 {peak['bf16']} GFLOP/s; training in {precision}", flush=True)
+          f"bf16 {peak['bf16']} GFLOP/s", flush=True)
     order = ["afinar", "trl"]
-    results = {side: _run_child(side, args, threads) for side in order}
+    results = {"afinar": _run_child("afinar", args, threads)}
+    # `auto` is afinar's measured choice (plan/speed.py): TRL trains in what afinar chose.
+    precision = results["afinar"]["afinar_summary"]["precision"]
+    print(f"afinar trained in {precision}"
+          + (f" ({results['afinar'].get('precision_reason')})" if args.precision == "auto" else ""),
+          flush=True)
+    results["trl"] = _run_child("trl", args, threads, precision=precision)
     for result in results.values():
         gflops = result["padded_tokens_per_s"] * flops_per_token / 1e9
         result["gflop_per_s"] = round(gflops, 1)

@@ -52,6 +52,9 @@ TIMED_STEPS = 3
 # bf16 must beat fp32 by this much to be chosen: fp32 is the exact reference, bf16 changes the
 # numbers, and a smaller difference is within the noise of a short probe.
 BF16_MARGIN = 0.10
+# Part of the cache key: raise it when afinar's step changes speed (a measurement of the old
+# code would otherwise keep deciding).
+PROBE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -337,7 +340,7 @@ def _machine_key(model_config, config, rows: int, seq_len: int) -> str:
     shape = {k: getattr(text, k, None) for k in (
         "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
         "num_key_value_heads", "head_dim", "vocab_size", "num_hidden_layers")}
-    parts = [cpu, flags, torch.__version__, str(torch.get_num_threads()), json.dumps(shape),
+    parts = [str(PROBE_VERSION), cpu, flags, torch.__version__, str(torch.get_num_threads()), json.dumps(shape),
              config.method, config.quantization, json.dumps(config.lora.model_dump(mode="json")),
              f"{rows}x{seq_len}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
