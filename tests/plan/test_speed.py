@@ -72,6 +72,10 @@ def test_the_probe_model_is_stored_as_the_run_stores_it(tiny_model_dir):
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in qlora.modules())
+    # and a 4-bit step runs, in both compute dtypes
+    probes = speed.probe_steps(model_config, _config(tiny_model_dir, quantization="4bit"),
+                               ("fp32", "bf16"), rows=2, seq_len=16)
+    assert all(p.layer_seconds > 0 and p.trainable > 0 for p in probes.values())
 
 
 @pytest.mark.parametrize("fp32, bf16, expected", [
