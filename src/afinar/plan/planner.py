@@ -33,6 +33,7 @@ EAGER_CPU_SPEED = 0.75
 # Inductor's first compile of a decoder layer (forward and backward graphs) on a small CPU; a few
 # seconds when its on-disk cache already holds the graphs.
 COMPILE_SECONDS = 30.0
+EVAL_SPEED = 0.6
 CUDA_CONTEXT_BYTES = 500 * MB  # the CUDA context and cuBLAS workspace, outside torch's count
 
 
@@ -314,9 +315,11 @@ def _probed_time(config, model_config, data: PlanData, speed: StepProbe, weights
              + optimizer * max(1, steps)) / factor / world_size
     train_seconds = epoch * data.epochs + (COMPILE_SECONDS if compiled else 0.0)
     # An evaluation is a forward pass: the layers' forward and a third of the head's work (its
-    # logits, without the gradients the training pass computes with them).
+    # logits, without the gradients the training pass computes with them), without autograd's
+    # bookkeeping: EVAL_SPEED of the probe's forward (the demo run, 2026-12-05: about 6.5 s per
+    # evaluation measured in the loop's wall time against 10.4 s from the probe's forward).
     held_share = sum(data.targets) / max(1, sum(data.lengths))
-    eval_token = (layers * forward_layer_token + per_label * held_share / 3) / factor
+    eval_token = (layers * forward_layer_token + per_label * held_share / 3) * EVAL_SPEED / factor
     eval_seconds = data.held_out_tokens * data.evaluations * eval_token / world_size
     tokens_per_s = sum(data.lengths) / max(1e-9, epoch)
     return {"padded_tokens_per_epoch": padded, "tokens_per_s": round(tokens_per_s, 1),
