@@ -1,6 +1,7 @@
 """The embedded model tuned on the bundled example (the README's demo run, shared with
 test_real_model.py), exported to GGUF f16 and q8_0 and run by real llama.cpp: it answers held-out
-triage prompts in the taught format and stops by itself, and the verification report says so."""
+prompts as the trained model does (the taught format, stopping where it stops), and the
+verification report says so."""
 
 from __future__ import annotations
 
@@ -20,13 +21,23 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "soporte-triaje"
 FORMAT = yaml.safe_load((EXAMPLE / "checks.yaml").read_text(encoding="utf-8"))["checks"][0]
 
 
-def _triage_prompts(run: Path) -> list[list[dict]]:
-    prompts, _ = golden_prompts(run, limit=1000)
-    return [p for p in prompts if "Ferrolux" in p[0]["content"]][:8]
+MAX_NEW_TOKENS = 128  # export()'s default, for the verification's answers
+
+
+def _in_format(text: str) -> bool:
+    return bool(re.fullmatch(FORMAT["regex"], text.strip()))
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_gguf_of_the_demo_run_answers_in_format_and_stops(demo_run, tmp_path, kind):
+    """The GGUF answers as the trained model does, and stops where it stops.
+
+    Held to what holds on every CPU kind, as the export's own verification is: which held-out
+    answers the 135M demo model ends by itself within 128 tokens depends on its training's
+    near-ties, and those differ by CPU (the demo trains in bf16 where bf16 measures faster) and
+    by build (measured on an AVX512-BF16 EPYC, 2026-12-05: the trained model itself ran on to the
+    limit on 2 of the 8 prompts, and its f16 file did exactly the same). So the export is
+    compared with the trained model, prompt by prompt, never with a fixed count."""
     run, _ = demo_run
     result = export(str(run), to="gguf", quant=kind, output=str(tmp_path / kind), prompts=8)
     summary = result.verification.summary()
@@ -37,26 +48,41 @@ def test_gguf_of_the_demo_run_answers_in_format_and_stops(demo_run, tmp_path, ki
     if kind == "f16":  # measured: 8/8 exact (a near-tie may legitimately part one)
         assert summary["exact_first_tokens"] + summary["parted_at_near_tie"] == 8
         assert summary["exact_first_tokens"] >= 7
-    assert summary["stopped_by_itself"] >= 7
+    answers = result.verification.prompts
+    reference_stopped = [p.reference_tokens < MAX_NEW_TOKENS for p in answers]
+    assert sum(reference_stopped) >= 4  # the trained model ends most answers by itself
+    for p, stopped in zip(answers, reference_stopped):
+        if p.identical:  # the same tokens: it must stop (or not) exactly where the model does
+            assert p.export_stopped == stopped, p.prompt
+    if kind == "f16":
+        assert sum(p.identical for p in answers) >= 7
+    # A quantised file's greedy answers part from the model's (its verification judges the
+    # teacher-forced agreement), and a parted answer may run on where the model's stopped
+    # (measured, q8_0 on the EPYC: identical on 4 of 8, 5 of 8 stopped against the model's 7).
+    # A file without working stop tokens would stop none.
+    assert summary["stopped_by_itself"] >= len(answers) // 2
 
-    # As a user of llama.cpp sees it: its chat API, the GGUF's own template and stop tokens.
-    triage = _triage_prompts(run)
-    assert len(triage) >= 5
+    # As a user of llama.cpp sees it: its chat API, with the GGUF's own template and stop
+    # tokens, on the same prompts, gives the answers the verification got from token ids.
+    golden, _ = golden_prompts(run, limit=8)
     gguf_file = result.output / f"{run.name}-{kind}.gguf"
     with LlamaCpp(gguf_file) as llm:
-        answers = [llm.chat(p, max_tokens=200) for p in triage]
-    for text, finish in answers:
+        chats = [llm.chat(p, max_tokens=MAX_NEW_TOKENS) for p in golden]
+    for (text, finish), p in zip(chats, answers):
         print(finish, repr(text))
-    in_format = sum(bool(re.fullmatch(FORMAT["regex"], text.strip())) for text, _ in answers)
-    # The template's stop token is honoured: none is printed as text, and the answers end by
-    # themselves, as many as the export's own verification requires (all but one). Which one
-    # may loop to its limit depends on the CPU: on an AVX512-BF16 EPYC (2026-12-05) the demo
-    # trains in bf16 and one q8_0 answer of 8 repeats a sentence at a near-tie; an fp32-only
-    # Zen 3 and the AMX Xeon measured 8 of 8.
-    assert not any(marker in text for text, _ in answers
-                   for marker in ("<|im_end|>", "<|im_start|>"))
-    assert sum(finish == "stop" for _, finish in answers) >= len(answers) - 1
-    assert in_format >= len(answers) - 1  # measured: all of them (the run's own report: 18/19)
+        assert not any(marker in text for marker in ("<|im_end|>", "<|im_start|>"))
+    same = [text.strip() == p.export.strip() for (text, _), p in zip(chats, answers)]
+    assert sum(same) >= len(answers) - (kind != "f16")
+    for (text, finish), p, equal in zip(chats, answers, same):
+        if equal:
+            assert (finish == "stop") == p.export_stopped, p.prompt
+    # The taught format, where the trained model answers in it.
+    triage = [i for i, p in enumerate(golden) if "Ferrolux" in p[0]["content"]]
+    assert len(triage) >= 3
+    model_in_format = sum(_in_format(answers[i].reference) for i in triage)
+    chat_in_format = sum(_in_format(chats[i][0]) for i in triage)
+    assert model_in_format >= len(triage) - 1  # measured: all of them
+    assert chat_in_format >= model_in_format - (kind != "f16")
 
 
 def test_ollama_folder_of_the_demo_run(demo_run, tmp_path):
