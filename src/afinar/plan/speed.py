@@ -402,7 +402,13 @@ def choose_precision(config, model_config, device, lengths: list[int]) -> Precis
     if key in cache and set(cache[key]) >= {"fp32", "bf16"}:
         probes = {p: StepProbe(**v) for p, v in cache[key].items()}
     else:
-        probes = probe_steps(model_config, config, ("fp32", "bf16"), rows, seq)
+        try:
+            probes = probe_steps(model_config, config, ("fp32", "bf16"), rows, seq)
+        except Exception as exc:  # an architecture the probe cannot build must not stop a run
+            precision = pick_precision(requested, device)
+            return PrecisionChoice(precision, f"precision auto: {precision}, by the CPU's bf16 "
+                                   f"flags (the step probe failed: {type(exc).__name__}: "
+                                   f"{str(exc)[:200]})", {}, {})
         cache[key] = {p: asdict(v) for p, v in probes.items()}
         _write_cache(cache)
     layers = int(text.num_hidden_layers)
@@ -411,15 +417,18 @@ def choose_precision(config, model_config, device, lengths: list[int]) -> Precis
     return PrecisionChoice(precision, reason, measured, probes)
 
 
-def probe_for(config, model_config, precision: str, lengths: list[int]) -> StepProbe:
+def probe_for(config, model_config, precision: str, lengths: list[int]) -> StepProbe | None:
     """The step probe of `precision` for this run (from the cache when `choose_precision` or an
-    earlier run measured it)."""
+    earlier run measured it); None when the probe cannot run this architecture."""
     rows, seq = probe_shape(model_config, config.batch_size, lengths)
     key = _machine_key(model_config, config, rows, seq)
     cache = _read_cache()
     if precision in cache.get(key, {}):
         return StepProbe(**cache[key][precision])
-    probe = probe_steps(model_config, config, (precision,), rows, seq)[precision]
+    try:
+        probe = probe_steps(model_config, config, (precision,), rows, seq)[precision]
+    except Exception:  # the plan then times the run from the matmul peak, as for a GPU
+        return None
     cache.setdefault(key, {})[precision] = asdict(probe)
     _write_cache(cache)
     return probe
