@@ -226,11 +226,23 @@ def check_gpu_qlora(r: dict) -> None:
 
 
 def check_plan(r: dict) -> None:
-    assert r["cases"]
+    assert r["benchmark"] == "plan" and r["smoke"] is True and r["steps"] == 2
+    assert not r["failed"] and isinstance(r["machine"]["cpu_flags"], list)
+    assert [c["case"] for c in r["cases"]] == ["tiny:fp32-eager", "tiny:4bit-bf16"]
     for case in r["cases"]:
-        assert case["case"]
-        for key in ("planned_peak_mb", "measured_peak_mb", "plan_over_measured"):
+        assert case["steps"] == 2 and len(case["measured_steps"]) == 2
+        for key in ("planned_peak_mb", "measured_peak_mb", "plan_over_measured",
+                    "planned_tokens_per_s", "measured_tokens_per_s",
+                    "tokens_per_s_plan_over_measured"):
             _positive(case[key])
+        for key in ("planned_train_seconds_for_steps", "measured_step_seconds",
+                    "measured_train_seconds"):
+            _finite(case[key])
+        parts = case["planned_parts_mb"]
+        assert {"runtime", "weights", "optimizer", "activations", "step", "allocator",
+                "total"} == set(parts)
+        assert case["measured_before_steps"]["peak_mb"] <= case["measured_peak_mb"]
+    assert [c["quantization"] for c in r["cases"]] == ["none", "4bit"]
 
 
 # script -> (takes --model, checks). Every script in bench/ must be here.
@@ -242,7 +254,7 @@ BENCHES = {
     "bench_frozen_dtype.py": (True, check_frozen_dtype),
     "bench_generate.py": (True, check_generate),
     "bench_llama_repack.py": (True, check_llama_repack),
-    "bench_plan.py": (False, check_plan),
+    "bench_plan.py": (True, check_plan),
     "bench_serve.py": (True, check_serve),
     "bench_share_cores.py": (True, check_share_cores),
     "bench_train.py": (True, check_train),
@@ -264,9 +276,6 @@ def smoke_model(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("script", sorted(BENCHES))
 def test_benchmark_runs_in_smoke_mode(script, smoke_model, tmp_path):
     takes_model, check = BENCHES[script]
-    if script == "bench_plan.py" and "--smoke" not in (BENCH / script).read_text():
-        pytest.skip("waiting for bench_plan.py's --smoke (being rewritten); it runs here as "
-                    "soon as the script takes `--smoke --out PATH`")
     out = tmp_path / "result.json"
     command = [sys.executable, str(BENCH / script), "--smoke", "--out", str(out),
                *(["--model", str(smoke_model)] if takes_model else [])]

@@ -68,8 +68,7 @@ def print_plan(plan) -> None:
     table.add_column("no checkpointing", justify="right")
     table.add_column("checkpointing", justify="right")
     off, on = d["memory_mb"]["without_checkpointing"], d["memory_mb"]["with_checkpointing"]
-    for part in ("runtime", "weights", "gradients", "optimizer", "activations", "loss",
-                 "backward", "total"):
+    for part in off:  # the parts, then the total (plan/memory.py MemoryParts)
         table.add_row(part, _mb(off[part]), _mb(on[part]),
                       style="bold" if part == "total" else None)
     out.print(table)

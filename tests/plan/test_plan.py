@@ -177,3 +177,134 @@ def test_shape_of_a_gguf_file_from_its_metadata():
     gguf = next(f for f in dist.files if f.name.endswith(".gguf"))
     config = read_model_config(str(dist.locate_file(gguf)))
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+
+
+# --- the step probe and the CPU parts of the plan ---------------------------------------------
+
+def _lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=8, lora_alpha=32, target_modules="all-linear"))
+
+
+def test_probe_step_peak_is_a_real_steps_peak_of_live_tensors(tiny_model_dir):
+    """The fake step (decoder, labelled rows, fused head, backward) against the same step on
+    real tensors, both counted by the probe's own tracker: live bytes, not resident memory."""
+    from transformers import AutoConfig
+
+    from afinar.plan.activations import _LiveBytes
+    from afinar.train.losses import SupervisedLoss
+
+    rows, length, labelled = 2, 40, 30
+    probe = probe_activations(AutoConfig.from_pretrained(tiny_model_dir), LoraSettings(r=8),
+                              "fp32", seq_len=length, rows=rows, target_rows=labelled)
+    model = _lora_model(tiny_model_dir)
+    model.train()
+    loss_module = SupervisedLoss(model)
+    ids = torch.arange(rows * length).reshape(rows, length) % 500
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padded, as a batch of several rows is
+    labels = torch.full_like(ids, -100)
+    labels[0, 10:25] = ids[0, 10:25]
+    labels[1, 20:36] = ids[1, 20:36]  # 15 + 15 labelled positions after the shift
+    weights = {p.untyped_storage()._cdata for p in model.parameters()} | {
+        b.untyped_storage()._cdata for b in model.buffers()}
+    live = _LiveBytes(weights)
+    with live:
+        total, _, _ = loss_module(ids, mask, labels)
+        total.backward()
+    assert probe.step_peak_bytes == pytest.approx(live.peak, rel=0.15)
+    assert probe.step_peak_bytes > probe.saved_bytes * rows  # saved tensors + the loss's work
+    assert probe.gradients_bytes == 4 * sum(p.numel() for p in model.parameters()
+                                            if p.requires_grad)
+
+
+def test_probe_builds_a_few_layers_and_adds_the_rest(tiny_model_dir, monkeypatch):
+    """A deep model is probed on PROBE_LAYERS layers; the others add what the middle ones
+    keep: the same bytes as probing them all."""
+    from transformers import AutoConfig
+
+    import afinar.plan.activations as activations
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 7
+    args = dict(config=config, lora=LoraSettings(r=8), precision="fp32", seq_len=32, rows=2,
+                target_rows=40)
+    monkeypatch.setattr(activations, "PROBE_LAYERS", 7)
+    every = activations.probe_activations(**args)
+    monkeypatch.setattr(activations, "PROBE_LAYERS", 3)
+    few = activations.probe_activations(**args)
+    assert len(few.per_layer_bytes) == len(every.per_layer_bytes) == 7
+    assert few.saved_bytes == every.saved_bytes
+    assert few.step_peak_bytes == every.step_peak_bytes
+    ckpt = activations.probe_activations(**args, checkpointing=True)
+    assert ckpt.step_peak_bytes < every.step_peak_bytes  # recomputed, not kept
+
+
+def test_probe_stands_quantized_layers_in(tiny_model_dir):
+    """4-bit: the frozen linears become packed stand-ins that compute in the compute dtype and
+    hand back the input's dtype (bf16 compute under bf16 autocast keeps fp32 layer outputs)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    args = dict(config=config, lora=LoraSettings(r=8), seq_len=32, rows=2, target_rows=40)
+    plain = probe_activations(**args, precision="bf16", frozen_dtype=torch.bfloat16)
+    nf4 = probe_activations(**args, precision="bf16", frozen_dtype=torch.bfloat16,
+                            quantization="4bit")
+    assert nf4.step_peak_bytes > 0 and nf4.saved_bytes > plain.saved_bytes
+    assert set(nf4.matmuls) == {"bfloat16"}  # every matmul of the step runs in bf16
+
+
+def test_resident_weights_follow_what_the_loader_keeps_as_views():
+    from afinar.plan.memory import WeightBudget, resident_weights
+
+    weights = WeightBudget(total_params=1000, linear_params=800, trainable_params=10,
+                           weights_bytes=800 * 2 + 200 * 4 + 10 * 4)
+    f32, bf16 = {"F32": 4000}, {"BF16": 2000}
+    # fp32 file, LoRA on bf16 linears: embeddings stay views, the whole file stays mapped.
+    assert resident_weights(f32, weights, "bf16", False) == (4000 + 800 * 2 + 40, 0)
+    # bf16 file, LoRA on bf16 linears: linears are views; fp32 embeddings are copies.
+    assert resident_weights(bf16, weights, "bf16", False) == (2000 + 800 + 40, 0)
+    nf4 = WeightBudget(1000, 800, 10, 400 + 800 + 40)
+    # 4-bit with bf16 compute: everything is converted, the file is mapped only while loading.
+    assert resident_weights(f32, nf4, "fp32", True, "bf16") == (nf4.weights_bytes, 4000)
+    # 4-bit with fp32 compute on an fp32 file: embeddings and norms stay views.
+    assert resident_weights(f32, nf4, "fp32", True, "fp32") == (4000 + 400 + 40, 0)
+
+
+def test_kernel_caches_grow_with_batch_shapes_up_to_capacity(monkeypatch):
+    from afinar.plan import memory
+    from afinar.plan.activations import ActivationProbe
+
+    measured = memory.kernel_cache_bytes
+    assert measured("float64") == 0 and measured("bfloat16") >= 0  # none kept / whatever is
+    monkeypatch.setattr(memory, "kernel_cache_bytes", lambda dtype: 1000 if dtype == "bfloat16"
+                        else 0)
+    probe = ActivationProbe(32, 0, [], 0, 64, 500, matmuls={"bfloat16": 10, "float32": 10})
+    one, many = (memory.cpu_allocator_bytes(probe, 2, "bf16", False, shapes)
+                 for shapes in (1, 5))
+    assert one < many
+    assert memory.cpu_allocator_bytes(probe, 2, "bf16", False, 10_000) == \
+        memory.cpu_allocator_bytes(probe, 2, "bf16", False, 20_000)  # a full cache
+
+
+def test_batch_shapes_count_the_steps_a_run_takes():
+    from afinar.plan.planner import _batch_shapes
+
+    data = PlanData(lengths=list(range(20, 84)), targets=[10] * 64, epochs=2)
+    whole = _batch_shapes(data, 4, seed=0)
+    assert 1 < whole <= 32
+    short = PlanData(lengths=data.lengths, targets=data.targets, epochs=3 / 16)
+    assert _batch_shapes(short, 4, seed=0) <= 3
+
+
+def test_plan_parts_add_up_and_name_the_allocator(tiny_model_dir):
+    roomy = _plan(tiny_model_dir, 2**34, batch_size=8)
+    parts = roomy.to_dict()["settings"]["memory_mb"]
+    assert {"runtime", "weights", "optimizer", "activations", "step", "allocator"} < set(parts)
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"],
+                                                                               abs=0.5)
+    assert parts["allocator"] == 0  # a GPU target: torch's count has no heap of its own

@@ -93,6 +93,9 @@ def test_bf16_is_chosen_only_when_it_is_measurably_faster(fp32, bf16, expected):
 
 def test_auto_measures_both_precisions_once_per_machine_and_model(tiny_model_dir, home,
                                                                    monkeypatch):
+    # A probe is cached only when the machine was quiet: this test is about the cache, so the
+    # machine counts as quiet whatever else runs (the rule has a test of its own below).
+    monkeypatch.setattr(speed._OtherProcesses, "cores", lambda self: 0.0)
     model_config = AutoConfig.from_pretrained(tiny_model_dir)
     config = _config(tiny_model_dir, batch_size=2)
     choice = speed.choose_precision(config, model_config, torch.device("cpu"), [30] * 8)
@@ -111,6 +114,41 @@ def test_auto_measures_both_precisions_once_per_machine_and_model(tiny_model_dir
     # The plan's time reads the same cache.
     assert speed.probe_for(config, model_config, choice.precision, [30] * 8) \
         == choice.probes[choice.precision]
+
+
+def test_a_probe_measured_beside_busy_processes_decides_this_run_but_is_not_cached(
+        tiny_model_dir, home, monkeypatch):
+    monkeypatch.setattr(speed._OtherProcesses, "cores", lambda self: 1.0)
+    model_config = AutoConfig.from_pretrained(tiny_model_dir)
+    config = _config(tiny_model_dir, batch_size=2)
+    choice = speed.choose_precision(config, model_config, torch.device("cpu"), [30] * 8)
+    assert choice.precision == speed.decide(choice.measured)[0]
+    assert "other processes kept 1.0 cores busy" in choice.reason
+    assert not (home / "speed-probes.json").exists()
+    assert speed.probe_for(config, model_config, "fp32", [30] * 8).contended
+    assert not (home / "speed-probes.json").exists()
+
+
+def test_other_processes_cpu_time_is_counted_and_ours_is_not():
+    """A real busy child process shows as about a core; this process's own work does not."""
+    import subprocess
+    import sys
+    import time
+
+    others = speed._OtherProcesses()
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        pass  # our own busy loop
+    assert others.cores() < 0.8  # ours is subtracted (a loaded CI machine may add some)
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start
+        others = speed._OtherProcesses()
+        time.sleep(1.0)
+        assert others.cores() >= 0.5
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_explicit_precision_and_several_processes_are_not_probed(tiny_model_dir, home,

@@ -11,12 +11,13 @@ the run directory) and stops before loading the weights when the run cannot fit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from afinar.plan.activations import ActivationProbe, probe_activations
 from afinar.plan.hardware import Target, hardware_table
-from afinar.plan.memory import (MB, MemoryParts, WeightBudget, memory_parts, resident_weights,
-                                weight_budget)
+from afinar.plan.memory import (MB, MemoryParts, WeightBudget, cpu_allocator_bytes, memory_parts,
+                                resident_weights, weight_budget)
 from afinar.plan.speed import StepProbe
 
 # Share of the measured matmul peak a LoRA training step reaches on a CPU (norms, rotary,
@@ -181,9 +182,19 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
     quant = config.quantization
     lora = config.lora if config.method == "lora" else None
     seq_len = max(data.lengths)
-    if probe is None:
-        probe = probe_activations(model_config, lora, precision, seq_len,
-                                  frozen_dtype=_probe_frozen_dtype(config, precision))
+    n0, rows0 = _worst_batch(data, config.batch_size)
+    probes: dict[tuple, ActivationProbe] = {}
+
+    def probe_for(checkpointing: bool, q: str) -> ActivationProbe:
+        """The step over the configured worst batch; other batch sizes scale it."""
+        if probe is not None:
+            return probe
+        if (checkpointing, q) not in probes:
+            probes[checkpointing, q] = probe_activations(
+                model_config, lora, precision, seq_len,
+                frozen_dtype=_probe_frozen_dtype(config, precision, q), rows=n0,
+                target_rows=rows0, quantization=q, checkpointing=checkpointing)
+        return probes[checkpointing, q]
 
     budgets: dict[str, WeightBudget] = {}
 
@@ -193,13 +204,21 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
         return budgets[q]
 
     frozen = _stored_dtype(config, precision)
+    tied = _tied_head(model_config)
 
     def option(batch: int, accumulation: int, checkpointing: bool, q: str) -> Option:
         n, rows = _worst_batch(data, batch)
-        parts = memory_parts(weights_for(q), probe, n, rows, checkpointing, runtime_bytes)
+        step = probe_for(checkpointing, q)
+        allocator = 0
+        if target.kind == "cpu":
+            allocator = cpu_allocator_bytes(step, n, precision, compiled,
+                                            _batch_shapes(data, batch, config.seed))
+        parts = memory_parts(weights_for(q), step, n, runtime_bytes, config.method, tied,
+                             allocator)
         loading = 0
         if target.kind == "cpu":  # a GPU's memory never holds the mapped file
-            resident, mapped = resident_weights(file_bytes, weights_for(q), frozen, q != "none")
+            resident, mapped = resident_weights(file_bytes, weights_for(q), frozen, q != "none",
+                                                precision)
             parts = replace(parts, weights=resident)
             loading = runtime_bytes + mapped + resident if mapped else 0
         return Option(Settings(batch, accumulation, checkpointing, q), parts, loading)
@@ -253,6 +272,30 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
         notes=_notes(chosen, budget_bytes, wanted))
 
 
+def _tied_head(model_config) -> bool:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+    return bool(getattr(text, "tie_word_embeddings", getattr(model_config,
+                                                             "tie_word_embeddings", True)))
+
+
+def _batch_shapes(data: PlanData, batch_size: int, seed: int) -> int:
+    """How many different micro-batch shapes (examples x longest length) the run trains on:
+    every epoch's batches, as the loop draws them (data/batching.py)."""
+    from afinar.data.batching import plan_batches
+
+    shapes: set[tuple[int, int]] = set()
+    per_epoch = -(-len(data.lengths) // batch_size)
+    left = max(1, math.ceil(data.epochs * per_epoch))  # max_steps may end a run mid-epoch
+    for epoch in range(max(1, math.ceil(data.epochs))):
+        for b in plan_batches(data.lengths, batch_size, seed, epoch)[:left]:
+            shapes.add((len(b), max(data.lengths[i] for i in b)))
+        left -= per_epoch
+        if left <= 0:
+            break
+    return len(shapes)
+
+
 def _stored_dtype(config, precision: str) -> str:
     """How the loop keeps frozen linear weights: "bf16"/"fp16" or "fp32"."""
     if config.method == "lora" and not config.lora.dora and precision in ("bf16", "fp16"):
@@ -260,12 +303,13 @@ def _stored_dtype(config, precision: str) -> str:
     return "fp32"
 
 
-def _probe_frozen_dtype(config, precision: str):
+def _probe_frozen_dtype(config, precision: str, quantization: str | None = None):
     import torch
 
     from afinar.models.load import COMPUTE_DTYPES, frozen_linear_dtype
 
-    if config.quantization != "none":  # bitsandbytes layers compute in the compute dtype
+    quantization = config.quantization if quantization is None else quantization
+    if quantization != "none":  # bitsandbytes layers compute in the compute dtype
         return COMPUTE_DTYPES.get(precision, torch.float32)
     return frozen_linear_dtype(config.method, config.lora.dora, precision)
 

@@ -51,18 +51,37 @@ def plan_for_config(config: TrainConfig, train, held, epochs: int, device, preci
     model_config = model_config or read_model_config(config.model)
     if target is None:
         target = this_machine(device, precision)
-    # A CPU run's peak resident memory includes the process itself (Python, torch, the
-    # tokenizer, the data): measured now. A GPU's peak counts tensors only.
-    runtime = process_rss() if target.kind == "cpu" else 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = PlanData.from_tokenized(train, epochs, held, EVALUATIONS)
     speed = None
     if target.kind == "cpu" and train:
         speed = probe_for(config, model_config, precision, data.lengths)
+    # A CPU run's peak resident memory includes the process itself (Python, torch, the
+    # tokenizer, the data, the libraries training loads): measured now, after the step probe
+    # (which gives its memory back). A GPU's peak counts tensors only.
+    runtime = 0
+    if target.kind == "cpu":
+        _import_training_libraries(config, compiled)
+        runtime = process_rss()
     return make_plan(config, model_config, data, target, precision,
                      _budget(config, target, runtime), runtime, world,
                      file_bytes=checkpoint_bytes(weights_folder) if weights_folder else None,
                      speed=speed, compiled=compiled)
+
+
+def _import_training_libraries(config: TrainConfig, compiled: bool) -> None:
+    """What the loop imports after its plan (peft alone pulls in about 140 MB of modules), so
+    that the plan's measure of this process counts it."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+
+    if config.quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            pass  # loading the weights says what to install
+    if compiled:
+        import torch._inductor.compile_fx  # noqa: F401
 
 
 def plan_command(config: TrainConfig, device_name: str | None = None,

@@ -32,7 +32,7 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -53,8 +53,14 @@ TIMED_STEPS = 3
 # numbers, and a smaller difference is within the noise of a short probe.
 BF16_MARGIN = 0.10
 # Part of the cache key: raise it when afinar's step changes speed (a measurement of the old
-# code would otherwise keep deciding).
-PROBE_VERSION = 2
+# code would otherwise keep deciding). 3: probes measured while other processes were busy are
+# no longer cached (version 2's cache may hold such slow ones).
+PROBE_VERSION = 3
+# A probe during which other processes kept this many cores busy (on average) is used for the
+# run at hand but not cached: it measured a shared machine, and the next run measures again.
+# Measured on the 2-core EPYC: one other busy process made a cached fp32 probe 1.9x slow, and
+# the plan of every later run 1.7x slow with it.
+CONTENDED_CORES = 0.25
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,12 @@ class StepProbe:
     outside_seconds: float  # embeddings, head, loss and their backward
     optimizer_seconds: float  # clipping, AdamW, zeroing the gradients
     vocab_scale: float = 1.0  # real vocabulary / probed vocabulary
+    # Cores other processes kept busy, on average, while the probe ran (0 where unknown).
+    others_cores: float = 0.0
+
+    @property
+    def contended(self) -> bool:
+        return self.others_cores >= CONTENDED_CORES
 
     @property
     def tokens(self) -> int:
@@ -298,13 +310,45 @@ def probe_steps(model_config, config, precisions, rows: int, seq_len: int) -> di
     runs = [_ProbeRun(model_config, config, p, rows, seq_len) for p in precisions]
     for run in runs:
         run.step(record=False)  # the first step pays one-time set-up
+    others = _OtherProcesses()
     for _ in range(TIMED_STEPS):
         for run in runs:
             run.step()
-    results = {run.precision: run.result() for run in runs}
+    busy = others.cores()
+    results = {run.precision: replace(run.result(), others_cores=busy) for run in runs}
     del runs
     _give_back_memory()
     return results
+
+
+class _OtherProcesses:
+    """Cores the rest of the machine keeps busy, on average, from now until `cores()`: the
+    whole machine's busy time (/proc/stat) less this process's own CPU time. 0 where /proc is
+    not there."""
+
+    def __init__(self):
+        self.started = (time.perf_counter(), time.process_time(), _machine_busy_seconds())
+
+    def cores(self) -> float:
+        wall0, own0, busy0 = self.started
+        busy = _machine_busy_seconds()
+        if busy is None or busy0 is None:
+            return 0.0
+        wall = time.perf_counter() - wall0
+        others = (busy - busy0) - (time.process_time() - own0)
+        return round(max(0.0, others) / wall, 2) if wall > 0 else 0.0
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds every core has spent busy since boot (all but idle and I/O wait)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def _give_back_memory() -> None:
@@ -409,11 +453,16 @@ def choose_precision(config, model_config, device, lengths: list[int]) -> Precis
             return PrecisionChoice(precision, f"precision auto: {precision}, by the CPU's bf16 "
                                    f"flags (the step probe failed: {type(exc).__name__}: "
                                    f"{str(exc)[:200]})", {}, {})
-        cache[key] = {p: asdict(v) for p, v in probes.items()}
-        _write_cache(cache)
+        if not any(p.contended for p in probes.values()):
+            cache[key] = {p: asdict(v) for p, v in probes.items()}
+            _write_cache(cache)
     layers = int(text.num_hidden_layers)
     measured = {p: round(v.step_seconds(layers), 4) for p, v in probes.items()}
     precision, reason = decide(measured)
+    busy = max(p.others_cores for p in probes.values())
+    if busy >= CONTENDED_CORES:
+        reason += (f"; measured while other processes kept {busy:.1f} cores busy, so not "
+                   "cached: the next run measures again")
     return PrecisionChoice(precision, reason, measured, probes)
 
 
@@ -429,6 +478,7 @@ def probe_for(config, model_config, precision: str, lengths: list[int]) -> StepP
         probe = probe_steps(model_config, config, (precision,), rows, seq)[precision]
     except Exception:  # the plan then times the run from the matmul peak, as for a GPU
         return None
-    cache.setdefault(key, {})[precision] = asdict(probe)
-    _write_cache(cache)
+    if not probe.contended:
+        cache.setdefault(key, {})[precision] = asdict(probe)
+        _write_cache(cache)
     return probe
