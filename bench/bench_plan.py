@@ -180,7 +180,9 @@ def _child(args) -> None:
             marks["before_steps"] = {"peak_mb": round(_maxrss_mb(), 1),
                                      "rss_mb": round(_rss_mb(), 1), **_rss_parts_mb()}
         elif kind == "step":
-            marks["steps"].append({"step": event["step"], "rss_mb": round(_rss_mb(), 1),
+            marks["steps"].append({"step": event["step"], "elapsed_s": event["elapsed_s"],
+                                   "tokens_seen": event["tokens_seen"],
+                                   "rss_mb": round(_rss_mb(), 1),
                                    "peak_mb": round(_maxrss_mb(), 1), **_rss_parts_mb()})
         elif kind == "log" and "preserve: the base model answers" in event.get("message", ""):
             marks["preserve_generated"] = True  # the answer cache was cold: generation ran
@@ -196,6 +198,12 @@ def _child(args) -> None:
     planned_steps = max(1, plan["data"]["epochs"] * per_epoch)
     steps = summary["steps"]
     step_seconds = summary["tokens_seen"] / max(1e-9, summary["tokens_per_s"])
+    # Steady state: from the end of step 1 (which holds a compiled run's compile) to the end of
+    # the last step, over the tokens of steps 2..N.
+    first, last = marks["steps"][0], marks["steps"][-1]
+    steady = ((last["tokens_seen"] - first["tokens_seen"])
+              / max(1e-9, last["elapsed_s"] - first["elapsed_s"])) if len(marks["steps"]) > 1 \
+        else summary["tokens_per_s"]
     print("RESULT " + json.dumps({
         "planned_peak_mb": plan["peak_memory_mb"], "measured_peak_mb": summary["peak_memory_mb"],
         "planned_parts_mb": plan["settings"]["memory_mb"],
@@ -205,6 +213,8 @@ def _child(args) -> None:
         "preserve_generated": marks.get("preserve_generated", False),
         "planned_tokens_per_s": plan["time"]["tokens_per_s"],
         "measured_tokens_per_s": round(summary["tokens_per_s"], 2),
+        "measured_steady_tokens_per_s": round(steady, 2),
+        "planned_compile_seconds": plan["time"].get("compile_seconds"),
         "planned_train_seconds_for_steps": round(
             plan["time"]["train_seconds"] * steps / planned_steps, 1),
         "measured_step_seconds": round(step_seconds, 1),

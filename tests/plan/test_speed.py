@@ -130,22 +130,29 @@ def test_a_probe_measured_beside_busy_processes_decides_this_run_but_is_not_cach
 
 
 def test_other_processes_cpu_time_is_counted_and_ours_is_not():
-    """A real busy child process shows as about a core; this process's own work does not."""
+    """A real busy child process shows as about a core more than before; this process's own
+    busy loop adds nothing. Relative to what the machine was doing just before, so that other
+    work on it (the probe's purpose is to notice it) does not fail the test."""
     import subprocess
     import sys
     import time
 
-    others = speed._OtherProcesses()
-    end = time.perf_counter() + 0.5
-    while time.perf_counter() < end:
-        pass  # our own busy loop
-    assert others.cores() < 0.8  # ours is subtracted (a loaded CI machine may add some)
+    def others_while(work) -> float:
+        others = speed._OtherProcesses()
+        work()
+        return others.cores()
+
+    def spin():
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            pass
+
+    idle = others_while(lambda: time.sleep(0.5))
+    assert others_while(spin) < idle + 0.5  # our own CPU time is subtracted
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(0.5)  # let it start
-        others = speed._OtherProcesses()
-        time.sleep(1.0)
-        assert others.cores() >= 0.5
+        time.sleep(0.3)  # let it start
+        assert others_while(lambda: time.sleep(1.0)) >= idle + 0.4
     finally:
         child.kill()
         child.wait()
@@ -211,12 +218,13 @@ def test_the_plan_times_a_cpu_run_from_the_probe(tiny_model_dir):
     per_step = (layers * 0.02 + 0.05 * (80 / 80) + 0.001 * trained / 1000)
     from afinar.plan import planner
 
-    assert t["train_seconds"] == pytest.approx(2 * 4 * per_step / planner.EAGER_CPU_SPEED,
-                                               rel=0.01)
+    eager_speed = planner.cpu_speed("fp32", compiled=False, quantized=False)
+    assert t["train_seconds"] == pytest.approx(2 * 4 * per_step / eager_speed, abs=0.05)
     compiled = _cpu_plan(tiny_model_dir, probe, compiled=True, batch_size=4).time
     assert compiled["compiled"] is True
     assert compiled["train_seconds"] == pytest.approx(
-        2 * 4 * per_step / planner.COMPILED_SPEED + planner.COMPILE_SECONDS, rel=0.01)
+        2 * 4 * per_step / planner.cpu_speed("fp32", compiled=True, quantized=False)
+        + planner.COMPILE_SECONDS, rel=0.01)
     recompute = _cpu_plan(tiny_model_dir, probe, batch_size=4, gradient_checkpointing=True)
     assert recompute.time["train_seconds"] > t["train_seconds"]  # forwards run twice
     assert t["eval_seconds"] > 0
@@ -232,7 +240,8 @@ def test_a_run_records_what_auto_chose_and_why(tmp_path, tiny_model_dir, small_c
     info = json.loads((result.run_dir / rundir.RUN_FILE).read_text())
     measured = info["precision_probe_seconds"]
     assert info["precision"] == speed.decide(measured)[0]
-    assert info["precision_reason"] == speed.decide(measured)[1]
+    # (a probe measured beside busy processes says so after the reason)
+    assert info["precision_reason"].startswith(speed.decide(measured)[1])
     logged = [e["message"] for e in events if e["type"] == "log"]
     assert info["precision_reason"] in logged
     plan = json.loads((result.run_dir / rundir.PLAN_FILE).read_text())

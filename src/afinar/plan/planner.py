@@ -24,13 +24,21 @@ from afinar.plan.speed import StepProbe
 # softmax, the optimizer and Python between the matmuls): measured with the embedded model on a
 # 2-core Zen 3 in fp32 (bench/bench_plan.py prints the ratio of estimated to measured time).
 CPU_EFFICIENCY = 0.45
-# The step probe (plan/speed.py) runs eagerly with glibc's default heap. The loop's measured
-# tokens/s over the probe's, on the embedded model (2-core EPYC with AVX512-BF16, 2026-12-05,
-# 16 steps of the bundled data, with other work on the cores): compiled layers fp32 0.98, bf16
-# 0.79; eager steps that return freed memory to the OS (train/host_memory.py: fresh pages
-# faulted every step) fp32 0.80, bf16 0.71. bench/bench_plan.py prints planned against measured.
-COMPILED_SPEED = 0.9
-EAGER_CPU_SPEED = 0.75
+# The step probe (plan/speed.py) runs eagerly with glibc's default heap; the loop runs either
+# compiled layers or eager steps that return freed memory to the OS (train/host_memory.py:
+# fresh pages faulted every step, which costs bf16's extra autocast copies most). The loop's
+# steady tokens/s (steps 2..16) over the probe's, on the embedded model (2-core EPYC with
+# AVX512-BF16, batch 2 x 128, bench/bench_plan.py, 2026-12-06, nothing else running; eager
+# cases are the mean of two runs, which differed by up to 25%: that VM's own noise):
+# eager fp32 1.34, 4-bit fp32 compute 1.29; eager bf16 1.02, 4-bit bf16 compute 1.02 (against
+# factors of 0.75); compiled fp32 1.03, bf16 0.95 (against 0.9); compiled 4-bit (bitsandbytes'
+# layers break Inductor's graphs) fp32 0.83, bf16 0.66 (against 0.9).
+CPU_SPEED = {  # (compiled, quantized) -> precision -> the loop's speed over the probe's
+    (False, False): {"fp32": 1.0, "bf16": 0.75},
+    (False, True): {"fp32": 1.0, "bf16": 0.75},
+    (True, False): {"fp32": 0.93, "bf16": 0.86},
+    (True, True): {"fp32": 0.75, "bf16": 0.6},
+}
 # Inductor's first compile of a decoder layer (forward and backward graphs) on a small CPU; a few
 # seconds when its on-disk cache already holds the graphs.
 COMPILE_SECONDS = 30.0
@@ -354,7 +362,7 @@ def _probed_time(config, model_config, data: PlanData, speed: StepProbe, weights
     per_label = speed.outside_seconds * speed.vocab_scale / max(1, speed.labelled)
     steps = -(-len(data.lengths) // settings.batch_size) // settings.gradient_accumulation_steps
     optimizer = speed.optimizer_seconds * weights.trainable_params / max(1, speed.trainable)
-    factor = COMPILED_SPEED if compiled else EAGER_CPU_SPEED
+    factor = cpu_speed(speed.precision, compiled, settings.quantization != "none")
     epoch = (layers * per_layer_token * padded + per_label * sum(data.targets)
              + optimizer * max(1, steps)) / factor / world_size
     train_seconds = epoch * data.epochs + (COMPILE_SECONDS if compiled else 0.0)
@@ -369,13 +377,20 @@ def _probed_time(config, model_config, data: PlanData, speed: StepProbe, weights
     return {"padded_tokens_per_epoch": padded, "tokens_per_s": round(tokens_per_s, 1),
             "throughput_source": f"a {speed.precision} training step measured here "
                                  f"({speed.rows}x{speed.seq_len} tokens, 2 real-shaped layers)",
-            "compiled": compiled, "train_seconds": round(train_seconds, 1),
+            "compiled": compiled, "compile_seconds": COMPILE_SECONDS if compiled else 0.0,
+            "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(eval_seconds, 1),
             "step_probe": {"layer_s": round(speed.layer_seconds, 5),
                            "layer_forward_s": round(speed.layer_forward_seconds, 5),
                            "outside_s": round(speed.outside_seconds, 5),
                            "optimizer_s": round(speed.optimizer_seconds, 5),
                            "tokens": speed.tokens, "labelled": speed.labelled}}
+
+
+def cpu_speed(precision: str, compiled: bool, quantized: bool) -> float:
+    """The loop's speed over the step probe's on a CPU (CPU_SPEED; fp16 as bf16)."""
+    by_precision = CPU_SPEED[compiled, quantized]
+    return by_precision.get(precision, by_precision["bf16"])
 
 
 def _costs(config, model_config, data: PlanData, time: dict, target: Target, weights,

@@ -19,7 +19,7 @@ autograd runs on the calling thread, so wall-clock marks are exact); the rest of
 scales with: layers by tokens, the head by labelled tokens, the optimizer by trained weights.
 
 The probe runs eagerly. Compiled layers (train/compiled.py) and eager runs that return freed
-memory to the OS (train/host_memory.py) run at other speeds; `mode_factor` converts, with the
+memory to the OS (train/host_memory.py) run at other speeds; `planner.cpu_speed` converts, with the
 ratios measured on the embedded model (bench/bench_plan.py prints planned against measured).
 """
 
@@ -48,14 +48,18 @@ PROBE_LAYER_FLOPS = 4e10
 # Vocabularies above this are probed with a head of this many rows and scaled (the head's work
 # is linear in the vocabulary); keeps a 128k-vocabulary probe's memory small.
 MAX_PROBE_VOCAB = 65536
-TIMED_STEPS = 3
+# The fastest of this many timed steps per precision. Measured on the quiet 2-core EPYC (the
+# embedded model, 2 x 128 tokens, the probe run 4 times in a row): with 3 steps the whole-model
+# step came out at 1.25-2.09 s in fp32 and 0.89-1.22 s in bf16; with 8, 1.07-1.22 s and
+# 0.74-0.78 s. Costs about 5 s on the embedded model, both precisions.
+TIMED_STEPS = 8
 # bf16 must beat fp32 by this much to be chosen: fp32 is the exact reference, bf16 changes the
 # numbers, and a smaller difference is within the noise of a short probe.
 BF16_MARGIN = 0.10
 # Part of the cache key: raise it when afinar's step changes speed (a measurement of the old
 # code would otherwise keep deciding). 3: probes measured while other processes were busy are
-# no longer cached (version 2's cache may hold such slow ones).
-PROBE_VERSION = 3
+# no longer cached (version 2's cache may hold such slow ones); 4: 8 timed steps, not 3.
+PROBE_VERSION = 4
 # A probe during which other processes kept this many cores busy (on average) is used for the
 # run at hand but not cached: it measured a shared machine, and the next run measures again.
 # Measured on the 2-core EPYC: one other busy process made a cached fp32 probe 1.9x slow, and

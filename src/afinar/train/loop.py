@@ -493,6 +493,7 @@ def _train(config: TrainConfig, on_event: Event | None, resume: bool, started: d
                       **step_metrics,
                       "learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "tokens_per_s": state.tokens_seen / max(1e-9, state.step_seconds),
+                      "tokens_seen": state.tokens_seen,
                       "elapsed_s": round(state.elapsed_s + elapsed, 3)}
             metrics.write(record)
             pausing = None
