@@ -4,6 +4,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 bash "$root/scripts/install_chromium.sh"
+bash "$root/scripts/install_go.sh"
 bash "$root/scripts/install_llama_cpp.sh"
 cd "$root"
 exec "$root/.venv/bin/python" -m pytest "$@"

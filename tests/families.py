@@ -9,7 +9,12 @@ The templates are written for these tests, modelled on each family's published t
 Llama 3.1 (always a system header, BOS written by the template), Qwen2.5 (ChatML with a default
 system prompt), Qwen3 (ChatML; the last answer carries an empty <think> block), Mistral v0.3
 ([INST], the system prompt joined to the last user turn), Gemma 2 (refuses a system role),
-Gemma 3 (joins it to the first user turn), Phi-3 (<|user|>/<|end|>, EOS after the last turn).
+Gemma 3 (joins it to the first user turn), Phi-3 (<|user|>/<|end|>, EOS after the last turn),
+SmolLM2 (ChatML with a default system prompt; its BOS is <|im_start|>).
+
+Tokenizers (family_tokenizers.py) are what llama.cpp's converter takes for the family: byte-level
+BPE declaring the published pre-tokenizer (Llama 3, Qwen2.5/3, SmolLM2), or a SentencePiece
+tokenizer.model beside tokenizer.json (Mistral, Gemma 2/3, Phi-3), trained here.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from conftest import build_tokenizer
+from family_tokenizers import (GEMMA_SPM, MISTRAL_SPM, PHI3_SPM, SentencePieceSpec, bpe_pipeline,
+                               sentencepiece_tokenizer)
+from tiny_llama import build_tokenizer
 
 LLAMA3 = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
@@ -94,6 +101,13 @@ PHI3 = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
+SMOLLM2 = (
+    "{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -111,9 +125,15 @@ class Family:
     # How the template treats a system message: own (its own block), last_user (joined to the
     # last user turn), first_user (joined to the first user turn), refused (raises).
     system: str = "own"
-    # Why `--to gguf` refuses this tiny model (a regex of the error; each points to --to merged).
+    # Why `--to gguf` refuses this tiny model (a regex of the error; each points to --to merged);
+    # "" where it exports.
     gguf_error: str = "does not support the .* architecture"
     ollama_error: str = "does not support the .* architecture"
+    # The tokenizer llama.cpp's converter is given: a byte-level BPE declaring this
+    # pre-tokenizer (llama.cpp's name for it), or a SentencePiece model.
+    bpe: str | None = None
+    spm: SentencePieceSpec | None = None
+    bos_opens_turns: bool = False  # SmolLM2's BOS is <|im_start|>: every turn has one
     notes: dict = field(default_factory=dict)
 
 
@@ -165,6 +185,12 @@ def _gemma3(ids):
                             tie_word_embeddings=True)
 
 
+def _smollm2(ids):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_SMALL, **ids, tie_word_embeddings=True, rope_theta=100000.0)
+
+
 def _phi3(ids):
     from transformers import Phi3Config
 
@@ -178,34 +204,46 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            end_of_turn="<|eot_id|>", specials=("<|begin_of_text|>", "<|end_of_text|>",
                                                "<|start_header_id|>", "<|end_header_id|>",
                                                "<|eot_id|>"),
-           stops=("<|end_of_text|>",), adds_bos=True, config=_llama,
-           gguf_error="rope scaling 'llama3'",
-           ollama_error="Ollama TEMPLATE: it writes an empty system block"),
+           stops=("<|end_of_text|>",), adds_bos=True, config=_llama, bpe="llama-bpe",
+           gguf_error="rope scaling 'llama3'", ollama_error="rope scaling 'llama3'"),
     Family("qwen2.5", QWEN25, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
            end_of_turn="<|im_end|>", specials=(), stops=("<|endoftext|>",), config=_qwen2,
+           bpe="qwen2",
            # transformers' Qwen2Tokenizer adds NFC, as the published tokenizer.json has it.
            gguf_error=r"normalizer \(NFC\)", ollama_error=r"normalizer \(NFC\)"),
     Family("qwen3", QWEN3, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
            end_of_turn="<|im_end|>", specials=(), stops=("<|endoftext|>",),
-           added=("<think>", "</think>"), config=_qwen3),
+           added=("<think>", "</think>"), config=_qwen3, bpe="qwen2"),
     Family("mistral", MISTRAL, bos="<s>", eos="</s>", pad=None, end_of_turn="</s>",
            specials=("[INST]", "[/INST]"), adds_bos=True, system="last_user", config=_mistral,
+           spm=MISTRAL_SPM,
            gguf_error="sliding-window attention", ollama_error="sliding-window attention"),
     Family("gemma2", GEMMA2, bos="<bos>", eos="<eos>", pad="<pad>", end_of_turn="<end_of_turn>",
            specials=("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
-           stops=("<end_of_turn>",), adds_bos=True, system="refused", config=_gemma2),
+           stops=("<end_of_turn>",), adds_bos=True, system="refused", config=_gemma2,
+           spm=GEMMA_SPM),
     Family("gemma3", GEMMA3, bos="<bos>", eos="<eos>", pad="<pad>", end_of_turn="<end_of_turn>",
            specials=("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
-           stops=("<end_of_turn>",), adds_bos=True, system="first_user", config=_gemma3),
+           stops=("<end_of_turn>",), adds_bos=True, system="first_user", config=_gemma3,
+           spm=GEMMA_SPM),
     Family("phi3", PHI3, bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", end_of_turn="<|end|>",
            specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), stops=("<|end|>",),
-           config=_phi3),
+           config=_phi3, spm=PHI3_SPM),
+    Family("smollm2", SMOLLM2, bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>",
+           end_of_turn="<|im_end|>", specials=(), config=_smollm2, bpe="smollm",
+           bos_opens_turns=True, gguf_error="", ollama_error=""),
 )}
 
 
-def family_tokenizer(family: Family):
+def family_tokenizer(family: Family, folder: Path):
+    """The family's tokenizer; SentencePiece families also get their tokenizer.model in
+    `folder` (where the model is saved)."""
+    if family.spm is not None:
+        return sentencepiece_tokenizer(family.spm, folder, family.template, eos=family.eos,
+                                       pad=family.pad)
     tok = build_tokenizer(family.template, bos=family.bos, eos=family.eos, pad=family.pad,
-                          extra_specials=family.specials, added=family.added)
+                          extra_specials=family.specials, added=family.added,
+                          **bpe_pipeline(family.bpe))
     if family.adds_bos:  # like the published tokenizers: encoding text prepends BOS
         from tokenizers.processors import TemplateProcessing
 
@@ -220,7 +258,7 @@ def build_family(family: Family, folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = family_tokenizer(family)
+    tok = family_tokenizer(family, folder)
     eos = [tok.convert_tokens_to_ids(t) for t in (family.eos, *family.stops)]
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=eos[0],
                pad_token_id=tok.pad_token_id)

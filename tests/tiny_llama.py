@@ -29,15 +29,18 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(template: str = CHATML, bos: str | None = None, eos: str = "<|im_end|>",
                     pad: str | None = "<|im_end|>", extra_specials: tuple[str, ...] = (),
-                    added: tuple[str, ...] = ()):
+                    added: tuple[str, ...] = (), pre_tokenizer=None, normalizer=None):
     """`extra_specials`: more special tokens (a family's control tokens); `added`: tokens kept
-    whole but decoded as text (like Qwen3's <think>)."""
+    whole but decoded as text (like Qwen3's <think>); `pre_tokenizer`/`normalizer`: a family's
+    own (tokenizers objects), instead of GPT-2's byte-level split."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", *extra_specials]
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
         vocab_size=600, special_tokens=specials,

@@ -31,8 +31,8 @@ NO_SYSTEM = (
     "{{ raise_exception('System role not supported') }}{% endif %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '</s>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
-# Like Llama 3.1: a system block is always written, with an empty default; `{{ if .System }}`
-# cannot say that.
+# Like Llama 3.1: a system block is always written, empty when there is no system message; the
+# TEMPLATE writes it without `{{ if .System }}`.
 ALWAYS_SYSTEM_BLOCK = (
     "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
     "{% set rest = messages[1:] %}{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
@@ -138,11 +138,19 @@ def test_zephyr_style():
     _same_as_jinja(tok, pieces)
 
 
+def test_a_system_block_written_even_without_a_system_message():
+    tok = build_tokenizer(ALWAYS_SYSTEM_BLOCK)
+    pieces = template_pieces(tok)
+    assert (pieces.system_mode, pieces.default_system) == ("own_always", None)
+    assert (pieces.system_prefix, pieces.system_suffix) == ("<|system|>\n", "</s>\n")
+    _same_as_jinja(tok, pieces)
+    assert go_template(pieces).startswith("<|system|>\n{{ .System }}</s>\n{{ range .Messages }}")
+
+
 @pytest.mark.parametrize("template, says", [
-    (NUMBERED, "not the same in every position"),
+    (NUMBERED, "writes"),  # turn numbers: right for one prompt, wrong for a longer one
     (UPPERCASE, "writes"),
     (NO_SYSTEM, "System role not supported"),
-    (ALWAYS_SYSTEM_BLOCK, "empty system block"),
 ])
 def test_inexpressible_templates_are_refused_clearly(template, says):
     with pytest.raises(AfinarError) as info:
@@ -235,3 +243,11 @@ def test_real_smollm2_template():
     assert pieces == TemplatePieces(**{**vars(CHATML_PIECES),
                                        "default_system": pieces.default_system})
     _same_as_jinja(tok, pieces)
+    # The TEMPLATE itself, in Go's text/template, with the default SYSTEM Ollama would add.
+    from ollama_template.go_render import ollama_values, render_with_go
+
+    conversations = [c for c in _conversations() if c[-1]["role"] == "user"]
+    rendered = render_with_go(go_template(pieces), [ollama_values(c, pieces.default_system)
+                                                    for c in conversations])
+    assert rendered == [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                        for c in conversations]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from afinar.export.verify import VerifyReport, compare_answer, judge
+from afinar.export.verify import (CHAT_PROBES, LlamaChecks, VerifyReport, compare_answer, judge,
+                                  template_tokens, tokenizer_probes)
 
 
 def _result(ref, got, near_tie=None, same_ids=True, window=8):
@@ -58,3 +59,46 @@ def test_quantised_types_are_judged_by_teacher_forcing_when_measured():
     assert "teacher-forced agreement" in q.lines()[0]
     q.min_agreement = 0.95
     assert not judge(q).passed and "teacher-forced agreement 90.0% is below" in q.problems[0]
+
+
+def test_a_chat_template_mismatch_fails_naming_the_first_differing_conversation():
+    report = VerifyReport("f16", "llama.cpp", True, 8, 1.0)
+    report.prompts = [_result([1, 2], [1, 2])]
+    assert judge(report).passed
+    report.chat_template_mismatches = ["[user] ending 'hola', from token 1: ...", "[user] ..."]
+    assert not judge(report).passed
+    assert report.problems == ["the file's own chat template gives other prompt ids than the "
+                               "trained model's for 2 probe conversation(s): [user] ending "
+                               "'hola', from token 1: ..."]
+    assert report.summary()["chat_template_probes_mismatched"] == 2
+    assert "chat template probes mismatched: 2" in report.lines()[1]
+
+
+def test_llama_checks_say_which_probe_and_where_a_conversation_parts():
+    user = [{"role": "user", "content": "x"}]
+    checks = LlamaChecks(["a", "b"], [[1], [2]], [user, [*user, *user]], [[5, 6, 7], [8]],
+                         decode=lambda ids: f"<{ids[0]}>")
+    texts, chats = checks.mismatches({"probes": [[1], [3]],
+                                      "chats": [[5, 6, 9], {"error": "no chat template"}]})
+    assert texts == ["b"]
+    assert chats == ["[user] ending 'x', from token 3: trained [7] '<7>', GGUF [9] '<9>'",
+                     "[user, user] ending 'x': no chat template"]
+    # A prompt cut short is named too; all equal means nothing to report.
+    assert checks.mismatches({"probes": [[1], [2]], "chats": [[5, 6], [8]]})[1] == [
+        "[user] ending 'x', from token 3: trained [7] '<7>', GGUF the end"]
+    assert checks.mismatches({"probes": [[1], [2]], "chats": [[5, 6, 7], [8]]}) == ([], [])
+    # A child that answered without the chats (an older one) cannot pass silently.
+    assert checks.mismatches({"probes": [[1], [2]]})[1]
+
+
+def test_probes_carry_the_family_special_tokens_and_the_hard_cases(tiny_tokenizer):
+    specials = template_tokens(tiny_tokenizer)
+    assert specials == ["<|im_start|>", "<|im_end|>"]  # ChatML's; its EOS is <|im_end|>
+    probes = tokenizer_probes(tiny_tokenizer)
+    assert "<|im_start|>" in probes and "<|im_start|>hola <|im_start|>\n<|im_end|>hola " \
+        "<|im_end|>\n" in probes
+    joined = "".join(probes)
+    assert all(c in joined for c in "ñé😀日") and "1234567" in joined and "def " in joined
+    roles = [[m["role"] for m in chat] for chat in CHAT_PROBES]
+    assert ["user"] in roles and ["system", "user"] in roles
+    assert ["system", "user", "assistant", "user"] in roles

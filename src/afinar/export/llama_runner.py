@@ -2,6 +2,7 @@
 
     with LlamaCpp("model-f16.gguf") as llm:
         llm.tokenize(text)            # ids exactly as llama.cpp (and so Ollama) makes them
+        llm.chat_prompt_ids(messages) # the prompt from the file's own chat template
         llm.greedy(prompt_ids, 64)    # greedy new ids, ending with an end-of-generation token
 
 llama-cpp-python is optional: it compiles llama.cpp at install time (minutes), so afinar only
@@ -116,6 +117,28 @@ class LlamaCpp:
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         """Special-token text (e.g. <|im_start|>) is parsed as the special token, as in chat."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt ids llama-cpp-python's chat API makes from this file alone (a
+        `create_chat_completion` without a chat_format): the GGUF's `tokenizer.chat_template`
+        rendered with the file's own BOS/EOS text and a generation prompt, tokenised without an
+        added BOS and with special tokens parsed, as its chat handler does."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise AfinarError("the GGUF carries no chat template (tokenizer.chat_template)")
+        model = self.llm._model
+
+        def text(token: int) -> str:
+            return model.token_get_text(token) if token != -1 else ""
+
+        formatter = Jinja2ChatFormatter(template=template, eos_token=text(self.llm.token_eos()),
+                                        bos_token=text(self.llm.token_bos()),
+                                        add_generation_prompt=True)
+        result = formatter(messages=messages)
+        return self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special,
+                                 special=True)
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.llm._model.vocab, token))

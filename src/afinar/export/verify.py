@@ -10,6 +10,16 @@ export must choose the same next token for at least `min_agreement` of the answe
 greedy answers are reported too, but one early near-tie flip changes every token after it, so
 their common prefix says more about where the first flip fell, which differs from CPU to CPU,
 than about the quantisation.)
+
+A GGUF file carries its own tokenizer and chat template, and either can go wrong without a
+greedy answer showing it at once; for llama.cpp exports two more checks run (`llama_checks`):
+- tokenizer: llama.cpp's token ids equal the trained tokenizer's on fixed strings (Spanish
+  accents, emoji, digits, code, whitespace runs, the family's special tokens written as text);
+- chat prompt: the GGUF's own chat template and BOS/EOS, rendered by llama.cpp's chat handler
+  (llama-cpp-python's chat completion with the file's `tokenizer.chat_template`), give the same
+  prompt ids as the trained model's template on probe conversations (with and without a system
+  message, several turns).
+A mismatch fails the export and names the first differing string.
 """
 
 from __future__ import annotations
@@ -49,6 +59,18 @@ TOKENIZER_PROBES = (
     "def f(x):\n    return {'a': [1, 2, 3]}  # comment",
     "Ünïcödé — “quotes” 😀 日本語 Ελληνικά",
     "I'm sure you'll see they've done it. DON'T SHOUT.",
+    "0 1 12 123 1234 12345 123456 1234567 3.14159 1,000,000 +34 600 123 456 x2=4",
+)
+# Conversations whose prompt must come out the same from the GGUF's own template: no system
+# message, a system message, several turns, and text that templates and tokenizers trip on.
+CHAT_PROBES = (
+    [{"role": "user", "content": "¿Dónde está mi pedido nº 1234? 📦"}],
+    [{"role": "system", "content": "Eres un asistente de soporte.\nResponde en español."},
+     {"role": "user", "content": "El envío llegó roto."}],
+    [{"role": "user", "content": "hola"}, {"role": "assistant", "content": "¡Hola! ¿En qué te ayudo?"},
+     {"role": "user", "content": "def f(x):\n    return {'a': [1, 2]}"}],
+    [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "uno"},
+     {"role": "assistant", "content": "dos"}, {"role": "user", "content": "  tres  "}],
 )
 
 
@@ -94,6 +116,8 @@ class VerifyReport:
     min_agreement: float
     prompts: list[PromptResult] = field(default_factory=list)
     tokenizer_mismatches: list[str] = field(default_factory=list)
+    # Probe conversations whose prompt ids from the GGUF's own chat template differ (described).
+    chat_template_mismatches: list[str] = field(default_factory=list)
     reference: str = reference_name(None)
     passed: bool = False
     problems: list[str] = field(default_factory=list)
@@ -132,6 +156,7 @@ class VerifyReport:
             "parted_at_near_tie": sum(self._at_tie(p) for p in self.prompts),
             "stopped_by_itself": sum(p.export_stopped for p in self.prompts),
             "tokenizer_probes_mismatched": len(self.tokenizer_mismatches),
+            "chat_template_probes_mismatched": len(self.chat_template_mismatches),
             "compared_tokens_per_answer": self.exact_tokens,
             "reference": self.reference,
         }
@@ -160,7 +185,8 @@ class VerifyReport:
             f"verification ({self.engine}, {self.kind}, {need} {scope}): "
             f"{'PASSED' if self.passed else 'FAILED'}",
             f"  prompt token ids identical: {s['same_prompt_ids']}/{s['prompts']}"
-            + (f"; tokenizer probes mismatched: {s['tokenizer_probes_mismatched']}"
+            + (f"; tokenizer probes mismatched: {s['tokenizer_probes_mismatched']}; chat "
+               f"template probes mismatched: {s['chat_template_probes_mismatched']}"
                if self.engine == "llama.cpp" else ""),
             *([f"  teacher-forced agreement: {s['teacher_forced_agreement']:.1%} of the trained "
                "answers' tokens"] if s["teacher_forced_agreement"] is not None else []),
@@ -205,6 +231,10 @@ def judge(report: VerifyReport) -> VerifyReport:
     if report.tokenizer_mismatches:
         problems.append(f"{report.engine} tokenises {len(report.tokenizer_mismatches)} probe "
                         f"text(s) differently, e.g. {report.tokenizer_mismatches[0]!r}")
+    if report.chat_template_mismatches:
+        problems.append(f"the file's own chat template gives other prompt ids than the trained "
+                        f"model's for {len(report.chat_template_mismatches)} probe "
+                        f"conversation(s): {report.chat_template_mismatches[0]}")
     bad_ids = [p.prompt for p in report.prompts if not p.same_prompt_ids]
     if bad_ids:
         problems.append(f"prompt token ids differ for {len(bad_ids)} prompt(s), e.g. "
@@ -247,3 +277,79 @@ def golden_prompts(run_dir, limit: int) -> tuple[list[list[dict]], str]:
         raise AfinarError("the run's data has no conversations to verify the export with",
                           "pass --no-verify")
     return prompts[:limit], source
+
+
+def template_tokens(tokenizer) -> list[str]:
+    """The family's special tokens: the added tokens its chat template writes, BOS and EOS."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    added = tokenizer.get_added_vocab()
+    tokens = [t for t in added if t and t in template]
+    tokens += [t for t in (tokenizer.bos_token, tokenizer.eos_token) if t and t not in tokens]
+    return sorted(tokens, key=lambda t: (added.get(t, 0), t))
+
+
+def tokenizer_probes(tokenizer) -> list[str]:
+    """TOKENIZER_PROBES and the family's special tokens written as text: each alone, and all
+    of them between words, as a chat prompt has them."""
+    specials = template_tokens(tokenizer)
+    mixed = "".join(f"{t}hola {t}\n" for t in specials)
+    return [*TOKENIZER_PROBES, *specials, *([mixed] if mixed else [])]
+
+
+def first_difference(ours: list[int], theirs: list[int], decode) -> str:
+    """Where two id lists part, in words: the position and each side's token there."""
+    k = _common_prefix(ours, theirs)
+
+    def at(ids: list[int]) -> str:
+        return f"[{ids[k]}] {decode(ids[k:k + 1])!r}" if k < len(ids) else "the end"
+    return f"from token {k + 1}: trained {at(ours)}, GGUF {at(theirs)}"
+
+
+@dataclass
+class LlamaChecks:
+    """What llama.cpp is asked besides the answers (llama_child's `answer` task: "probes",
+    "chats"), and the trained model's ids to compare its replies with."""
+    probes: list[str]
+    probe_ids: list[list[int]]
+    chats: list[list[dict]]  # as the template is given them (afinar's renderable form)
+    chat_ids: list[list[int]]
+    decode: Callable[[list[int]], str]
+
+    def task(self) -> dict:
+        return {"probes": self.probes, "chats": self.chats}
+
+    def mismatches(self, done: dict) -> tuple[list[str], list[str]]:
+        """(tokenizer probes, chat descriptions) that differ; the child's `probes` and `chats`
+        results (a chat that llama.cpp could not render is {"error": ...})."""
+        texts = [text for text, ours, theirs in zip(self.probes, self.probe_ids, done["probes"])
+                 if ours != theirs]
+        chats = []
+        for chat, ours, theirs in zip(self.chats, self.chat_ids, done.get("chats") or []):
+            roles = "[" + ", ".join(m["role"] for m in chat) + "]"
+            last = chat[-1]["content"]
+            if isinstance(theirs, dict):
+                chats.append(f"{roles} ending {last!r}: {theirs['error']}")
+            elif ours != theirs:
+                chats.append(f"{roles} ending {last!r}, "
+                             + first_difference(ours, theirs, self.decode))
+        if len(done.get("chats") or []) != len(self.chats):
+            chats.append("llama.cpp rendered no chat probes (a child that predates the check)")
+        return texts, chats
+
+
+def llama_checks(loaded) -> LlamaChecks:
+    """The checks for an afinar LoadedModel: its tokenizer on the probes, its encoder (the
+    prompt format it was trained with) on CHAT_PROBES; a conversation the trained template
+    itself cannot render (a refused role order) is left out."""
+    tok = loaded.tokenizer
+    probes = tokenizer_probes(tok)
+    chats, chat_ids = [], []
+    for conversation in CHAT_PROBES:
+        try:
+            ids = loaded.prompt_ids(conversation)
+        except AfinarError:
+            continue
+        chats.append(loaded.encoder.renderable(list(conversation)))
+        chat_ids.append(ids)
+    return LlamaChecks(probes, [tok(t, add_special_tokens=True)["input_ids"] for t in probes],
+                       chats, chat_ids, lambda ids: tok.decode(ids))
