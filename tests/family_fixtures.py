@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import FAMILIES, build_family
+from families import build_family, find_family
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,7 +28,7 @@ def family_dir(tmp_path_factory):
 
     def get(name: str):
         if name not in built:
-            built[name] = build_family(FAMILIES[name], tmp_path_factory.mktemp(name))
+            built[name] = build_family(find_family(name), tmp_path_factory.mktemp(name))
         return built[name]
     return get
 
