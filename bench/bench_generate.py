@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _smoke  # noqa: E402
 from bench_eval import held_out_prompts  # noqa: E402
 
-from afinar.export.gguf_write import write_model_gguf  # noqa: E402
+from afinar.export.convert import convert_model  # noqa: E402
 from afinar.export.llama_runner import LlamaCpp  # noqa: E402
+from afinar.export.merged import write_hf_folder  # noqa: E402
 from afinar.infer.generate import GenerationSettings, load  # noqa: E402
 
 
@@ -93,9 +94,9 @@ def main() -> None:
     results: dict = {"threads": torch.get_num_threads()}
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
-        gguf = Path(tmp) / "model-f16.gguf"
-        write_model_gguf(loaded.model, loaded.tokenizer, loaded.stop_ids, gguf, "f16",
-                         Path(model).name)
+        gguf = Path(tmp) / "model-f16.gguf"  # as `afinar export --to gguf` makes it
+        write_hf_folder(loaded.model, loaded.tokenizer, loaded.stop_ids, Path(tmp) / "hf", "f32")
+        convert_model(Path(tmp) / "hf", gguf, "f16", {}, notify=lambda message: None)
         with LlamaCpp(gguf, n_ctx=1024) as llama:
             llama.greedy(loaded.prompt_ids(prompts[0]), 4)  # warm-up
             few = prompts[:args.prompts]

@@ -134,6 +134,22 @@ def check_export(r: dict) -> None:
         r["types"]["f16"]["vs_unrounded_fp32"])
 
 
+def check_convert(r: dict) -> None:
+    assert r["benchmark"] == "convert" and r["smoke"] is True and r["kind"] == "q4_k_m"
+    row = r["shapes"]["tiny"]
+    assert "refused" not in row and "verification_failed" not in row, row
+    for key in ("export_seconds", "process_seconds", "peak_rss_mb",
+                "largest_child_peak_rss_mb"):
+        _positive(row[key])
+    _finite(row["train_seconds"])
+    _positive(row["files_bytes"]["tiny-q4_k_m.gguf"])  # the run is named after the shape
+    check = row["verification"]
+    assert check["passed"] and check["prompts"] == 1 and check["same_prompt_ids"] == 1
+    assert check["tokenizer_probes_mismatched"] == 0
+    _share(check["teacher_forced_agreement"])
+    assert row["converted_by"].startswith("llama.cpp ")
+
+
 def check_frozen_dtype(r: dict) -> None:
     assert r["smoke"] is True and r["steps"] == 1 and isinstance(r["cpu_native_bf16"], bool)
     assert set(r["variants"]) == {"bf16-recast", "bf16-stored"}
@@ -247,6 +263,7 @@ def check_plan(r: dict) -> None:
 
 # script -> (takes --model, checks). Every script in bench/ must be here.
 BENCHES = {
+    "bench_convert.py": (True, check_convert),
     "bench_defaults.py": (True, check_defaults),
     "bench_dpo.py": (True, check_dpo),
     "bench_eval.py": (True, check_eval),

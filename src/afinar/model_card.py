@@ -42,6 +42,7 @@ class ExportCard:
     command: str | None = None  # what to run next (llama-cli ..., ollama create ...)
     qlora: str | None = None
     model_name: str | None = None  # the Ollama model name
+    converted_by: str | None = None  # GGUF: the llama.cpp (converter) version that wrote it
 
 
 @dataclass
@@ -466,6 +467,8 @@ def _verification_section(export: ExportCard) -> str:
             lines.append(f"| tokenizer probes mismatched | "
                          f"{v.get('tokenizer_probes_mismatched')} |")
         lines += ["", "The details: verification.json in this folder."]
+    if export.converted_by:
+        lines += ["", f"Converted to GGUF by {export.converted_by}."]
     if files:
         lines += ["", f"Files: {files}."]
     return "\n".join(lines)

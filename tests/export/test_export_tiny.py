@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from afinar.errors import AfinarError
-from afinar.export import export, gguf_vocab
+from afinar.export import export, exporter
 from afinar.export.verify import VerificationFailed
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,11 @@ def test_gguf_export_is_verified_by_llama_cpp(run_dir, tmp_path, kind):
     if kind != "q8_0":
         assert summary["exact_first_tokens"] == 4
     assert set(result.files) == {f"{run_dir.name}-{kind}.gguf", "verification.json",
-                                 "README.md"}
+                                 "README.md", "afinar.json"}
+    provenance = json.loads((result.output / "afinar.json").read_text())
+    assert provenance["converted_by"].startswith("llama.cpp 0c1e57098 ")
+    assert provenance["run"] == run_dir.name
+    assert "Converted to GGUF by llama.cpp 0c1e57098" in (result.output / "README.md").read_text()
     assert result.command.startswith("llama-cli -m ")
     _no_leftovers(tmp_path)
 
@@ -111,16 +115,37 @@ def test_gguf_adapter_applied_by_llama_cpp_matches_the_run(run_dir, tmp_path):
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.lora.alpha"].contents() > 0
+    assert reader.fields["afinar.converted_by"].contents().startswith("llama.cpp ")
     names = [t.name for t in reader.tensors]
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.0.attn_q.weight.lora_b" in names
     assert "BASE.gguf --lora" in result.command
 
 
+def _lose_control_tokens(path: Path) -> None:
+    """Marks the chat markers as plain text in a real GGUF file, in place."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    field = reader.fields["tokenizer.ggml.token_type"]
+    for index in field.data:
+        if field.parts[index][0] == gguf.TokenType.CONTROL:
+            field.parts[index][0] = gguf.TokenType.NORMAL
+    reader.data.flush()
+
+
 def test_a_broken_conversion_fails_loudly_and_leaves_no_output(run_dir, tmp_path, monkeypatch):
-    """A converter that loses the special tokens (a classic cause of exports that ramble: the
-    chat markers become plain text): verification catches it, nothing that looks like an export
-    is left, and the report says why. (The Q/K bug is caught by the logit test.)"""
-    monkeypatch.setattr(gguf_vocab, "CONTROL", gguf_vocab.NORMAL)
+    """A conversion that loses the special tokens (a classic cause of exports that ramble: the
+    chat markers become plain text): the converter's real file is damaged that way on its way
+    out, verification catches it, nothing that looks like an export is left, and the report
+    says why."""
+    real = exporter.convert_model
+
+    def losing_control_tokens(*args, **kwargs):
+        path = real(*args, **kwargs)
+        _lose_control_tokens(path)
+        return path
+
+    monkeypatch.setattr(exporter, "convert_model", losing_control_tokens)
     out = tmp_path / "broken"
     with pytest.raises(VerificationFailed) as caught:
         export(str(run_dir), to="gguf", quant="f32", output=str(out), prompts=4)

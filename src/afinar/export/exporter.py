@@ -25,10 +25,12 @@ import torch
 from afinar import rundir
 from afinar.errors import AfinarError
 from afinar.export import verify as V
-from afinar.export.gguf_vocab import adds_special
-from afinar.export.gguf_write import DIRECT_TYPES, write_adapter_gguf, write_model_gguf
+from afinar.export.convert import OUTTYPES as DIRECT_TYPES
+from afinar.export.convert import convert_adapter, convert_model, find_converter
+from afinar.export.llama_cpp_limits import adapter_for_llama_cpp, check_model_config
 from afinar.export.merged import DTYPES as MERGED_TYPES
-from afinar.export.merged import MergedRunner, cut_at_stop, write_merged
+from afinar.export.merged import (METADATA_FILE, MergedRunner, cut_at_stop, write_hf_folder,
+                                  write_merged)
 from afinar.export.quantize import LLAMA_CPP_TYPES, quantize_with_llama_cpp
 from afinar.models.quantize import merge_note
 
@@ -61,6 +63,7 @@ class _Job:
     loaded: object  # afinar LoadedModel of the run (fp32, adapter merged)
     notify: Callable[[str], None]
     round_reference: bool = True
+    converted_by: str | None = None  # GGUF formats: the llama.cpp version of the converter
 
 
 def _check_type(fmt: str, kind: str) -> str:
@@ -155,7 +158,8 @@ def _write_card(job: _Job, to: str, out: Path, report, command) -> None:
     try_write_card(job.run_dir, job.tmp, ExportCard(
         to, job.kind, out.resolve(), files, report.summary() if report else None,
         command(out.resolve()) if command else None, _qlora(job.loaded),
-        valid_model_name(job.name) if to == "ollama" else None), warn=job.notify)
+        valid_model_name(job.name) if to == "ollama" else None, job.converted_by),
+        warn=job.notify)
 
 
 def _qlora(loaded) -> str | None:
@@ -196,7 +200,6 @@ class _ExportSide:
     # Teacher forcing (quantised types): the export's choice for each token of the trained
     # model's answer, given the same preceding tokens.
     forced: list[list[int]] | None = None
-    chat_template_mismatches: list[str] = field(default_factory=list)
 
 
 def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
@@ -224,7 +227,6 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
     side = answer([job.loaded.encoder.renderable(c) for c in golden], ours,
                   None if exact else refs)
     report.tokenizer_mismatches = side.tokenizer_mismatches
-    report.chat_template_mismatches = side.chat_template_mismatches
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     for k, conversation in enumerate(golden):
         ref, got = refs[k], side.answers[k]
@@ -282,24 +284,51 @@ def _gguf_metadata(job: _Job) -> dict[str, str]:
     return {f"afinar.{k}": v for k, v in _export_metadata(job).items()}
 
 
+def _write_provenance(job: _Job) -> None:
+    """afinar.json beside a GGUF: the run it came from and the llama.cpp that converted it."""
+    meta = {**_export_metadata(job), "converted_by": job.converted_by}
+    (job.tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+
+
+def _hf_folder(model, tokenizer, stop_ids: list[int], folder: Path, resolved) -> Path:
+    """The model as a Hugging Face folder in f32, for llama.cpp's converter: f32 so that every
+    GGUF type is rounded once, from the trained values, and so that no cast copy of the weights
+    is made in memory. A SentencePiece `tokenizer.model` the fast tokenizer does not save is
+    copied from where the tokenizer came from (the converter reads it for those families)."""
+    write_hf_folder(model, tokenizer, stop_ids, folder, "f32")
+    spm = "tokenizer.model"
+    if not (folder / spm).is_file():
+        vocab_file = getattr(tokenizer, "vocab_file", None)
+        candidates = [Path(vocab_file)] if vocab_file else []
+        candidates += [Path(resolved.tokenizer_source) / spm, Path(resolved.base) / spm]
+        for candidate in candidates:
+            if candidate.name == spm and candidate.is_file():
+                shutil.copyfile(candidate, folder / spm)
+                break
+    return folder
+
+
 def _write_gguf_file(job: _Job) -> Path:
+    """The run's merged model as `job.kind` GGUF: llama.cpp's converter writes f32/f16/bf16/q8_0
+    itself; smaller types are quantised by llama.cpp from its f32 file."""
+    check_model_config(job.loaded.model.config)
+    job.converted_by = find_converter().version  # a missing converter is said before any work
     path = job.tmp / f"{job.name}-{job.kind}.gguf"
     direct = job.kind in DIRECT_TYPES
-    source = path if direct else job.tmp / f".{job.name}-f32.gguf"
-    job.notify(f"writing {source.name}" if direct else f"writing an f32 GGUF for llama.cpp's "
-               f"{job.kind} quantiser")
-    def progress(done: int, total: int) -> None:  # a line per quarter: big models take minutes
-        if done == total or done % max(1, total // 4) == 0:
-            job.notify(f"  {done}/{total} tensors")
-
-    counts = write_model_gguf(job.loaded.model, job.loaded.tokenizer, job.loaded.stop_ids, source,
-                              job.kind if direct else "f32", job.name, _gguf_metadata(job),
-                              on_tensor=progress)
-    job.notify("  tensors by type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    converted = path if direct else job.tmp / f".{job.name}-f32.gguf"
+    source = job.tmp / ".merged-f32"
+    job.notify("writing the merged weights (f32) for llama.cpp's converter")
+    _hf_folder(job.loaded.model, job.loaded.tokenizer, job.loaded.stop_ids, source,
+               job.loaded.resolved)
+    convert_model(source, converted, job.kind if direct else "f32", _gguf_metadata(job),
+                  job.notify, name=job.name)
+    shutil.rmtree(source)  # before quantising: the disk holds one f32 copy at a time
     if not direct:
         job.notify(f"quantising to {job.kind} with llama.cpp")
-        quantize_with_llama_cpp(source, path, job.kind, notify=job.notify)
-        source.unlink()
+        quantize_with_llama_cpp(converted, path, job.kind, notify=job.notify)
+        converted.unlink()
+    _write_provenance(job)
     return path
 
 
@@ -316,16 +345,15 @@ def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
                      for c in conversations]
             what = (f"verifying {model_path.name} ({job.kind})" if lora is None else
                     f"verifying the adapter {lora.name} ({job.kind})")
-            checks = V.llama_checks(job.loaded)  # tokenizer probes, the file's chat template
             done = run_llama_task({"task": "answer", "model": str(model_path),
                                    "lora": str(lora) if lora else None, "texts": texts,
-                                   **checks.task(), "prompt_ids": prompt_ids,
+                                   "probes": list(V.TOKENIZER_PROBES), "prompt_ids": prompt_ids,
                                    "forced_answers": references,
                                    "max_new_tokens": max_new_tokens}, what, job.notify)
-            mismatches, chat_mismatches = checks.mismatches(done)
+            mismatches = [text for text, theirs in zip(V.TOKENIZER_PROBES, done["probes"])
+                          if tok(text, add_special_tokens=True)["input_ids"] != theirs]
             return _ExportSide(done["texts"], done["answers"], done["stopped"], mismatches,
-                               done["forced"] if references is not None else None,
-                               chat_mismatches)
+                               done["forced"] if references is not None else None)
         return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens, min_agreement,
                         answer)
     return verifier
@@ -342,9 +370,18 @@ def _gguf_adapter(job: _Job):
 
     resolved = job.loaded.resolved
     config = AutoConfig.from_pretrained(resolved.base)
+    check_model_config(config)
+    job.converted_by = find_converter().version
     path = job.tmp / f"{job.name}-lora-{job.kind}.gguf"
-    job.notify(f"writing {path.name}")
-    write_adapter_gguf(resolved.adapter, config, path, job.kind, job.name)
+    with tempfile.TemporaryDirectory(prefix="afinar-adapter-") as scratch:
+        adapter = adapter_for_llama_cpp(resolved.adapter, config, Path(scratch))
+        if adapter != resolved.adapter:
+            job.notify("rsLoRA adapter: its alpha is written as alpha x sqrt(r), so that "
+                       "llama.cpp's alpha / r scaling gives rsLoRA's alpha / sqrt(r)")
+        base_config = Path(scratch) / "base-config"  # the converter needs only config.json
+        config.save_pretrained(base_config)
+        convert_adapter(adapter, base_config, path, job.kind, _gguf_metadata(job), job.notify)
+    _write_provenance(job)
     if resolved.merged_adapters:
         job.notify("this run trained on top of another run's model: the adapter applies to "
                    "that model's merged weights (export it with --to gguf and use it as BASE), "
@@ -362,31 +399,42 @@ def _gguf_adapter(job: _Job):
         # adapter was trained against.
         from afinar.models.load import load_inference_base
 
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory(prefix="afinar-base-") as scratch:
             base = load_inference_base(resolved)
-            base_path = Path(scratch) / "base-f32.gguf"
-            write_model_gguf(base, job.loaded.tokenizer, job.loaded.stop_ids, base_path,
-                             "f32", f"{job.name}-base")
+            folder = _hf_folder(base, job.loaded.tokenizer, job.loaded.stop_ids,
+                                Path(scratch) / "base", resolved)
             del base
+            base_path = convert_model(folder, Path(scratch) / "base-f32.gguf", "f32",
+                                      {"afinar.run": f"{job.name} (base, for verification)"},
+                                      job.notify)
+            shutil.rmtree(folder)
             return _llama_verifier(job, base_path, lora=path)(golden, exact_tokens,
                                                               max_new_tokens, min_agreement)
     return (lambda out: f"llama-cli -m BASE.gguf --lora {shlex.quote(str(out / path.name))} -cnv",
             verifier)
 
 
-def _ollama(job: _Job):
-    from afinar.export import gguf_arch, ollama
+def _adds_special(tokenizer, token_id: int | None) -> bool:
+    """Does encoding plain text (with special tokens on) put this token in? (BOS/EOS flags)."""
+    if token_id is None:
+        return False
+    return token_id in tokenizer("a", add_special_tokens=True)["input_ids"] \
+        and token_id not in tokenizer("a", add_special_tokens=False)["input_ids"]
 
-    # Both fail before anything is written; an unsupported architecture is said first, since
-    # no hand-written TEMPLATE could get around it.
-    gguf_arch.arch_for(job.loaded.model.config)
-    pieces = ollama.template_pieces(job.loaded.tokenizer, prepare=job.loaded.encoder.renderable)
+
+def _ollama(job: _Job):
+    from afinar.export import ollama
+
+    # Fails before anything is written: no hand-written TEMPLATE needed to learn that.
+    check_model_config(job.loaded.model.config)
+    pieces = ollama.template_pieces(job.loaded.tokenizer)
     path = _write_gguf_file(job)
     tok = job.loaded.tokenizer
     stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})
     # Ollama adds BOS itself when the GGUF says so: a BOS written by the template too would
     # double it (afinar's own encoder drops the duplicate; Ollama would not).
-    doubled = bool(adds_special(tok, tok.bos_token_id) and tok.bos_token and pieces.always_prefix.startswith(tok.bos_token))
+    doubled = bool(_adds_special(tok, tok.bos_token_id) and tok.bos_token
+                   and pieces.always_prefix.startswith(tok.bos_token))
     (job.tmp / "Modelfile").write_text(
         ollama.modelfile(path.name, pieces, stops, None, run=str(job.run_dir.resolve()),
                          include_always_prefix=not doubled), encoding="utf-8")

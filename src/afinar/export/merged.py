@@ -23,16 +23,23 @@ METADATA_FILE = "afinar.json"
 def write_merged(loaded, folder: Path, kind: str, metadata: dict | None = None) -> None:
     """`loaded` is an afinar LoadedModel of the run (adapter already merged); `metadata` goes
     to afinar.json."""
+    write_hf_folder(loaded.model, loaded.tokenizer, loaded.stop_ids, folder, kind, metadata)
+
+
+def write_hf_folder(model, tokenizer, stop_ids: list[int], folder: Path, kind: str,
+                    metadata: dict | None = None) -> None:
+    """`model` saved with `tokenizer` as a Hugging Face folder whose generation config stops at
+    every id in `stop_ids`; the in-memory model keeps its dtype."""
     if kind not in DTYPES:
         raise AfinarError(f"merged weights are saved as f32, f16 or bf16, not {kind!r}",
                           "for quantised files use --to gguf --quant ...")
-    model = loaded.model
     gen = model.generation_config
-    gen.eos_token_id = loaded.stop_ids if len(loaded.stop_ids) > 1 else loaded.stop_ids[0]
-    gen.pad_token_id = loaded.tokenizer.pad_token_id
-    model.config.eos_token_id = loaded.tokenizer.eos_token_id
+    gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    gen.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
     # Cast a copy: the in-memory model stays fp32, it is the verification's reference.
     # Tied tensors (embeddings = output) stay one tensor, so save_pretrained still dedups them.
+    # (An f32 save of an fp32 model makes no copy: `.to` returns the tensor itself.)
     cast: dict[int, torch.Tensor] = {}
     state = {}
     for key, tensor in model.state_dict().items():
@@ -45,7 +52,7 @@ def write_merged(loaded, folder: Path, kind: str, metadata: dict | None = None) 
     config = json.loads(config_file.read_text())
     config["dtype"] = str(DTYPES[kind]).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    loaded.tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     if metadata:
         (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False)
                                             + "\n", encoding="utf-8")
