@@ -1,6 +1,7 @@
 """Every model family users bring, on a tiny random model built here (tests/families.py): the loss
 mask of its chat template, then train → evaluate → chat → merged export through the library
-functions the CLI calls, and the clear error for what a family cannot do (GGUF)."""
+functions the CLI calls, and the clear error for what a family cannot do (GGUF). Their tokenizers
+and Ollama templates: test_family_tokenizers.py."""
 
 from __future__ import annotations
 
@@ -20,34 +21,13 @@ from afinar.errors import AfinarError
 from afinar.export import export
 from afinar.infer.generate import GenerationSettings
 from afinar.train.loop import train
-from families import FAMILIES, build_family
+from families import FAMILIES
+from family_fixtures import _one_thread, family_dir  # noqa: F401 (fixtures)
 
 NAMES = list(FAMILIES)
 # What each template writes between the generation prompt and the answer's text.
 ANSWER_LEAD = {"qwen3": "<think>\n\n</think>\n\n", "mistral": " "}
 USER = {"role": "user", "content": "pedido 99 llegó roto"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small spend their time in thread hand-offs, not in arithmetic: with two
-    threads on a 2-core machine that is also running something else, measured 6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def family_dir(tmp_path_factory):
-    """name -> HF folder of the family's tiny model, built once per session on first use."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = build_family(FAMILIES[name], tmp_path_factory.mktemp(name))
-        return built[name]
-    return get
 
 
 def _encoder(folder) -> ChatEncoder:
@@ -90,6 +70,12 @@ def test_only_answers_and_their_end_of_turn_carry_loss(name, family_dir):
 
     item = enc.encode(_chat(("user", "pedido 1 llegó roto"), ("assistant", "Categoría: envío")))
     segments = _segments(tok, item)
+    if family.spm and lead == " ":
+        # SentencePiece: the space is the "▁" of the answer's first piece, labelled with it;
+        # decoding a piece at the start of a text drops that space.
+        first = item.labels[next(i for i, x in enumerate(item.labels) if x != IGNORE)]
+        assert tok.convert_ids_to_tokens(first).startswith("▁")
+        lead = ""
     assert [text for trained, text in segments if trained] == [f"{lead}Categoría: envío{eot}"]
     prompt = enc.prompt_ids([Message("user", "pedido 1 llegó roto")])
     assert item.input_ids[:len(prompt)] == prompt  # training prompt == inference prompt
@@ -97,8 +83,9 @@ def test_only_answers_and_their_end_of_turn_carry_loss(name, family_dir):
     # Exactly one BOS where the template writes one, although the tokenizer adds one too;
     # none where it does not (Phi-3 has a BOS token but neither adds nor writes it).
     writes_bos = "bos_token" in family.template
-    assert item.input_ids.count(tok.bos_token_id) == int(writes_bos)
-    assert (item.input_ids[0] == tok.bos_token_id) == writes_bos
+    if not family.bos_opens_turns:  # SmolLM2's BOS is <|im_start|>, in every turn
+        assert item.input_ids.count(tok.bos_token_id) == int(writes_bos)
+        assert (item.input_ids[0] == tok.bos_token_id) == writes_bos
 
     multi = (("user", "a"), ("assistant", "uno"), ("user", "b"), ("assistant", "dos"))
     if name == "qwen3":

@@ -200,6 +200,7 @@ class _ExportSide:
     # Teacher forcing (quantised types): the export's choice for each token of the trained
     # model's answer, given the same preceding tokens.
     forced: list[list[int]] | None = None
+    chat_template_mismatches: list[str] = field(default_factory=list)
 
 
 def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
@@ -227,6 +228,7 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
     side = answer([job.loaded.encoder.renderable(c) for c in golden], ours,
                   None if exact else refs)
     report.tokenizer_mismatches = side.tokenizer_mismatches
+    report.chat_template_mismatches = side.chat_template_mismatches
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     for k, conversation in enumerate(golden):
         ref, got = refs[k], side.answers[k]
@@ -345,15 +347,16 @@ def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
                      for c in conversations]
             what = (f"verifying {model_path.name} ({job.kind})" if lora is None else
                     f"verifying the adapter {lora.name} ({job.kind})")
+            checks = V.llama_checks(job.loaded)  # tokenizer probes, the file's chat template
             done = run_llama_task({"task": "answer", "model": str(model_path),
                                    "lora": str(lora) if lora else None, "texts": texts,
-                                   "probes": list(V.TOKENIZER_PROBES), "prompt_ids": prompt_ids,
+                                   **checks.task(), "prompt_ids": prompt_ids,
                                    "forced_answers": references,
                                    "max_new_tokens": max_new_tokens}, what, job.notify)
-            mismatches = [text for text, theirs in zip(V.TOKENIZER_PROBES, done["probes"])
-                          if tok(text, add_special_tokens=True)["input_ids"] != theirs]
+            mismatches, chat_mismatches = checks.mismatches(done)
             return _ExportSide(done["texts"], done["answers"], done["stopped"], mismatches,
-                               done["forced"] if references is not None else None)
+                               done["forced"] if references is not None else None,
+                               chat_mismatches)
         return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens, min_agreement,
                         answer)
     return verifier
@@ -427,7 +430,7 @@ def _ollama(job: _Job):
 
     # Fails before anything is written: no hand-written TEMPLATE needed to learn that.
     check_model_config(job.loaded.model.config)
-    pieces = ollama.template_pieces(job.loaded.tokenizer)
+    pieces = ollama.template_pieces(job.loaded.tokenizer, prepare=job.loaded.encoder.renderable)
     path = _write_gguf_file(job)
     tok = job.loaded.tokenizer
     stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})

@@ -8,8 +8,9 @@ segfaults on some CPUs, see llama_runner.py) becomes an AfinarError naming the f
 the signal and what to try, instead of killing the export, the server or the test run.
 
 Tasks:
-- `answer`: tokenise texts and probes with the GGUF's own tokenizer, answer prompt ids greedily
-  (optionally with a LoRA adapter); the verification's export side.
+- `answer`: tokenise texts and probes with the GGUF's own tokenizer, render chats with its own
+  chat template, answer prompt ids greedily (optionally with a LoRA adapter); the
+  verification's export side.
 - `quantize`: llama.cpp's quantiser (k-quants and other small types).
 """
 
@@ -44,6 +45,7 @@ def _answer(task: dict, progress: Callable[[str], None]) -> dict:
                   logits_all=forced is not None) as llm:
         out = {"texts": [llm.tokenize(t) for t in task.get("texts", [])],
                "probes": [llm.tokenize(t, add_special=True) for t in task.get("probes", [])],
+               "chats": [_chat_ids(llm, c) for c in task.get("chats", [])],
                "answers": [], "stopped": [], "forced": []}
         for k, ids in enumerate(prompts, start=1):
             answer = llm.greedy(ids, task["max_new_tokens"])
@@ -53,6 +55,16 @@ def _answer(task: dict, progress: Callable[[str], None]) -> dict:
                 out["forced"].append(llm.forced_predictions(ids, forced[k - 1]))
             progress(f"llama.cpp answered {k}/{len(prompts)}")
     return out
+
+
+def _chat_ids(llm, messages: list[dict]) -> list[int] | dict:
+    """The prompt ids from the GGUF's own chat template, or why there are none."""
+    try:
+        return llm.chat_prompt_ids(messages)
+    except AfinarError as exc:
+        return {"error": exc.message}
+    except Exception as exc:  # the template's own raise_exception(), a jinja syntax error...
+        return {"error": f"llama.cpp's chat handler cannot render it: {exc}"}
 
 
 def _quantize(task: dict, progress: Callable[[str], None]) -> dict:
