@@ -1,7 +1,7 @@
 """Every model family users bring, on a tiny random model built here (tests/families.py): the loss
 mask of its chat template, then train → evaluate → chat → merged export through the library
 functions the CLI calls, and the clear error for what a family cannot do (GGUF). Their tokenizers
-and Ollama templates: test_family_tokenizers.py."""
+and Ollama templates: test_family_tokenizers.py; their GGUF exports: test_family_gguf.py."""
 
 from __future__ import annotations
 
