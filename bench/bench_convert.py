@@ -183,8 +183,9 @@ def main() -> None:
             results["shapes"][name] = {"model": model, "train_seconds": round(train_seconds, 1),
                                        **measured}
             print(json.dumps(results["shapes"][name], indent=2), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            # After every shape: a long run stopped part-way keeps what it measured.
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 
 
