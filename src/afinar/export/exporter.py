@@ -299,6 +299,14 @@ def _hf_folder(model, tokenizer, stop_ids: list[int], folder: Path, resolved) ->
     is made in memory. A SentencePiece `tokenizer.model` the fast tokenizer does not save is
     copied from where the tokenizer came from (the converter reads it for those families)."""
     write_hf_folder(model, tokenizer, stop_ids, folder, "f32")
+    # transformers 5 no longer writes add_bos_token / add_eos_token; without them (and without a
+    # post-processor saying so) llama.cpp takes its per-tokenizer default, on for SentencePiece.
+    # Say what this tokenizer does.
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.setdefault("add_bos_token", _adds_special(tokenizer, tokenizer.bos_token_id))
+    config.setdefault("add_eos_token", _adds_special(tokenizer, tokenizer.eos_token_id))
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     spm = "tokenizer.model"
     if not (folder / spm).is_file():
         vocab_file = getattr(tokenizer, "vocab_file", None)
