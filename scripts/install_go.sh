@@ -6,11 +6,4 @@ set -euo pipefail
 if command -v go >/dev/null 2>&1; then
   exit 0
 fi
-sudo=""
-if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "[afinar] go is missing and this user cannot install it: apt-get install golang" >&2; exit 1; }
-  sudo="sudo"
-fi
-echo "[afinar] installing Debian's golang for the Ollama template test" >&2
-$sudo apt-get update -qq >/dev/null 2>&1 || true
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq golang >/dev/null
+bash "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh" golang "the Ollama template test"
