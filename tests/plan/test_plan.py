@@ -284,11 +284,11 @@ def test_kernel_caches_grow_with_batch_shapes_up_to_capacity(monkeypatch):
     monkeypatch.setattr(memory, "kernel_cache_bytes", lambda dtype: 1000 if dtype == "bfloat16"
                         else 0)
     probe = ActivationProbe(32, 0, [], 0, 64, 500, matmuls={"bfloat16": 10, "float32": 10})
-    one, many = (memory.cpu_allocator_bytes(probe, 2, "bf16", False, shapes)
+    one, many = (memory.cpu_allocator_bytes(probe, 2, False, shapes)
                  for shapes in (1, 5))
     assert one < many
-    assert memory.cpu_allocator_bytes(probe, 2, "bf16", False, 10_000) == \
-        memory.cpu_allocator_bytes(probe, 2, "bf16", False, 20_000)  # a full cache
+    assert memory.cpu_allocator_bytes(probe, 2, False, 10_000) == \
+        memory.cpu_allocator_bytes(probe, 2, False, 20_000)  # a full cache
 
 
 def test_batch_shapes_count_the_steps_a_run_takes():

@@ -142,7 +142,7 @@ def memory_parts(weights: WeightBudget, probe: ActivationProbe, batch_size: int,
                        step=step, allocator=allocator_bytes)
 
 
-def cpu_allocator_bytes(probe: ActivationProbe, batch_size: int, precision: str, compiled: bool,
+def cpu_allocator_bytes(probe: ActivationProbe, batch_size: int, compiled: bool,
                         batch_shapes: int) -> int:
     """Resident memory a CPU run holds beyond its live tensors at its peak: the kernels oneDNN
     compiled for the matmul shapes it met (each new batch shape brings the step's matmuls anew),
@@ -159,8 +159,6 @@ def cpu_allocator_bytes(probe: ActivationProbe, batch_size: int, precision: str,
 
 def kernel_cache_capacity() -> int:
     """oneDNN's primitive cache holds this many kernels (its default, or the environment's)."""
-    import os
-
     try:
         return int(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024"))
     except ValueError:

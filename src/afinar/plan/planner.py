@@ -213,14 +213,16 @@ def make_plan(config, model_config, data: PlanData, target: Target, precision: s
 
     frozen = _stored_dtype(config, precision)
     tied = _tied_head(model_config)
+    shapes: dict[int, int] = {}  # batch size -> micro-batch shapes the run trains on
 
     def option(batch: int, accumulation: int, checkpointing: bool, q: str) -> Option:
         n, rows = _worst_batch(data, batch)
         step = probe_for(checkpointing, q)
         allocator = 0
         if target.kind == "cpu":
-            allocator = cpu_allocator_bytes(step, n, precision, compiled,
-                                            _batch_shapes(data, batch, config.seed))
+            if batch not in shapes:  # the same for every option of this batch size
+                shapes[batch] = _batch_shapes(data, batch, config.seed)
+            allocator = cpu_allocator_bytes(step, n, compiled, shapes[batch])
         parts = memory_parts(weights_for(q), step, n, runtime_bytes, config.method, tied,
                              allocator)
         loading = 0

@@ -380,10 +380,12 @@ def _cache_path():
 def _machine_key(model_config, config, rows: int, seq_len: int) -> str:
     """What a probe's result depends on: this CPU, torch, the layer's shape and the method."""
     try:
-        cpu = next((line for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        with open("/proc/cpuinfo") as info:
+            lines = info.read().splitlines()
     except OSError:
-        cpu = flags = ""
+        lines = []
+    cpu = next((line for line in lines if line.startswith("model name")), "")
+    flags = next((line for line in lines if line.startswith("flags")), "")
     text = _text_config(model_config)
     shape = {k: getattr(text, k, None) for k in (
         "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
