@@ -31,6 +31,7 @@ from typing import Callable
 
 from afinar.errors import AfinarError
 from afinar.export.pre_tokenizer import pre_tokenizer_name
+from afinar.export.space_prefix import gguf_overrides
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python release whose source the converter is from
 CONVERTER_ENV = "AFINAR_LLAMA_CPP_CONVERTER"
@@ -88,16 +89,21 @@ def find_converter() -> Converter:
 def convert_model(hf_folder: Path, target: Path, outtype: str, metadata: dict[str, str],
                   notify: Callable[[str], None], name: str | None = None) -> Path:
     """convert_hf_to_gguf.py on a Hugging Face model folder (weights, config, tokenizer);
-    `name` is the GGUF's general.name (default: the file's stem)."""
+    `name` is the GGUF's general.name (default: the file's stem). Where llama.cpp's default for
+    a tokenizer setting would tokenise prompts differently from the trained tokenizer, the file
+    says otherwise (space_prefix.py)."""
     if outtype not in OUTTYPES:
         raise AfinarError(f"llama.cpp's converter writes {', '.join(OUTTYPES)}, not {outtype}")
     converter = find_converter()
     partial = _partial(target)
     args = [str(hf_folder), "--outfile", str(partial), "--outtype", outtype,
             "--model-name", name or target.stem]
+    tokenizer_file = hf_folder / "tokenizer.json"
+    overrides = gguf_overrides(json.loads(tokenizer_file.read_text(encoding="utf-8"))
+                               if tokenizer_file.is_file() else {})
     with _removed_on_failure(partial):
-        _run(converter, "convert_hf_to_gguf.py", args, metadata, target, notify,
-             pre_tokenizer=pre_tokenizer_name(hf_folder / "tokenizer.json"))
+        _run(converter, "convert_hf_to_gguf.py", args, {**metadata, **overrides}, target, notify,
+             pre_tokenizer=pre_tokenizer_name(tokenizer_file))
     return _finish(partial, target)
 
 
@@ -136,7 +142,7 @@ def _finish(partial: Path, target: Path) -> Path:
     return target
 
 
-def _run(converter: Converter, script: str, args: list[str], metadata: dict[str, str],
+def _run(converter: Converter, script: str, args: list[str], metadata: dict[str, str | bool],
          target: Path, notify: Callable[[str], None], pre_tokenizer: str | None = None) -> None:
     metadata = {**metadata, "afinar.converted_by": converter.version}
     notify(f"converting to {target.name} with {converter.version}")

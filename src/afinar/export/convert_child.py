@@ -40,13 +40,15 @@ def _check_gguf_py(home: Path):
     return gguf
 
 
-def _add_metadata(gguf, metadata: dict[str, str]) -> None:
-    """Every GGUFWriter the converter makes writes these keys too (one file: one writer)."""
+def _add_metadata(gguf, metadata: dict[str, str | bool]) -> None:
+    """Every GGUFWriter the converter makes writes these keys too (one file: one writer); a
+    key the converter wrote already takes afinar's value (a bool: a setting llama.cpp reads)."""
     original = gguf.GGUFWriter.write_header_to_file
 
     def write_header_to_file(self, *args, **kwargs):
         for key, value in metadata.items():
-            self.add_string(key, value)
+            self.remove_key(key)
+            (self.add_bool if isinstance(value, bool) else self.add_string)(key, value)
         return original(self, *args, **kwargs)
 
     gguf.GGUFWriter.write_header_to_file = write_header_to_file

@@ -201,6 +201,7 @@ class _ExportSide:
     # model's answer, given the same preceding tokens.
     forced: list[list[int]] | None = None
     chat_template_mismatches: list[str] = field(default_factory=list)
+    tokenizer_probe_lead: str = ""  # verify.probe_lead
 
 
 def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_agreement,
@@ -229,6 +230,7 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
                   None if exact else refs)
     report.tokenizer_mismatches = side.tokenizer_mismatches
     report.chat_template_mismatches = side.chat_template_mismatches
+    report.tokenizer_probe_lead = side.tokenizer_probe_lead
     decode = lambda ids: job.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     for k, conversation in enumerate(golden):
         ref, got = refs[k], side.answers[k]
@@ -364,7 +366,7 @@ def _llama_verifier(job: _Job, model_path: Path, lora: Path | None = None):
             mismatches, chat_mismatches = checks.mismatches(done)
             return _ExportSide(done["texts"], done["answers"], done["stopped"], mismatches,
                                done["forced"] if references is not None else None,
-                               chat_mismatches)
+                               chat_mismatches, checks.lead)
         return _compare(job, "llama.cpp", golden, exact_tokens, max_new_tokens, min_agreement,
                         answer)
     return verifier

@@ -14,7 +14,9 @@ than about the quantisation.)
 A GGUF file carries its own tokenizer and chat template, and either can go wrong without a
 greedy answer showing it at once; for llama.cpp exports two more checks run (`llama_checks`):
 - tokenizer: llama.cpp's token ids equal the trained tokenizer's on fixed strings (Spanish
-  accents, emoji, digits, code, whitespace runs, the family's special tokens written as text);
+  accents, emoji, digits, code, whitespace runs, the family's special tokens written as text;
+  each after the prompt's opening control token where the tokenizer's "▁" rule depends on
+  position, see probe_lead);
 - chat prompt: the GGUF's own chat template and BOS/EOS, rendered by llama.cpp's chat handler
   (llama-cpp-python's chat completion with the file's `tokenizer.chat_template`), give the same
   prompt ids as the trained model's template on probe conversations (with and without a system
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from afinar.errors import AfinarError
+from afinar.export.space_prefix import space_prefix_only_at_start
 
 EXACT_TYPES = ("f32", "f16", "bf16")
 # Exact types may part from the reference only at a near-tie: where the reference's own logits
@@ -118,6 +121,9 @@ class VerifyReport:
     tokenizer_mismatches: list[str] = field(default_factory=list)
     # Probe conversations whose prompt ids from the GGUF's own chat template differ (described).
     chat_template_mismatches: list[str] = field(default_factory=list)
+    # The control token each tokenizer probe was checked after ("": checked alone); see
+    # probe_lead.
+    tokenizer_probe_lead: str = ""
     reference: str = reference_name(None)
     passed: bool = False
     problems: list[str] = field(default_factory=list)
@@ -157,6 +163,7 @@ class VerifyReport:
             "stopped_by_itself": sum(p.export_stopped for p in self.prompts),
             "tokenizer_probes_mismatched": len(self.tokenizer_mismatches),
             "chat_template_probes_mismatched": len(self.chat_template_mismatches),
+            "tokenizer_probes_after": self.tokenizer_probe_lead or None,
             "compared_tokens_per_answer": self.exact_tokens,
             "reference": self.reference,
         }
@@ -188,6 +195,12 @@ class VerifyReport:
             + (f"; tokenizer probes mismatched: {s['tokenizer_probes_mismatched']}; chat "
                f"template probes mismatched: {s['chat_template_probes_mismatched']}"
                if self.engine == "llama.cpp" else ""),
+            *([f"  tokenizer probes checked after {self.tokenizer_probe_lead!r}, where text sits "
+               "in a prompt: this tokenizer puts '▁' before text only at the very start of the "
+               "input, which llama.cpp cannot; the file adds none (tokenizer.ggml."
+               "add_space_prefix=false), so all text after a control token (every chat prompt) "
+               "tokenises as trained, and raw text opening a template-less prompt lacks its '▁'"]
+              if self.tokenizer_probe_lead else []),
             *([f"  teacher-forced agreement: {s['teacher_forced_agreement']:.1%} of the trained "
                "answers' tokens"] if s["teacher_forced_agreement"] is not None else []),
             f"  greedy agreement: {s['greedy_agreement']:.1%} of tokens; first {self.exact_tokens}"
@@ -296,6 +309,18 @@ def tokenizer_probes(tokenizer) -> list[str]:
     return [*TOKENIZER_PROBES, *specials, *([mixed] if mixed else [])]
 
 
+def probe_lead(tokenizer) -> str:
+    """"" (probes are checked alone), or for a tokenizer whose "▁" goes only at the start of
+    the input (space_prefix.py) the control token a prompt opens with (BOS, else the first of
+    the template's), so each probe is checked where text sits in a prompt: after one."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # None: no tokenizer.json form
+    if backend is None or not space_prefix_only_at_start(json.loads(backend.to_str())):
+        return ""
+    return tokenizer.bos_token or (template_tokens(tokenizer) or [""])[0]
+
+
 def first_difference(ours: list[int], theirs: list[int], decode) -> str:
     """Where two id lists part, in words: the position and each side's token there."""
     k = _common_prefix(ours, theirs)
@@ -309,11 +334,12 @@ def first_difference(ours: list[int], theirs: list[int], decode) -> str:
 class LlamaChecks:
     """What llama.cpp is asked besides the answers (llama_child's `answer` task: "probes",
     "chats"), and the trained model's ids to compare its replies with."""
-    probes: list[str]
+    probes: list[str]  # as tokenised, each after `lead`
     probe_ids: list[list[int]]
     chats: list[list[dict]]  # as the template is given them (afinar's renderable form)
     chat_ids: list[list[int]]
     decode: Callable[[list[int]], str]
+    lead: str = ""  # probe_lead
 
     def task(self) -> dict:
         return {"probes": self.probes, "chats": self.chats}
@@ -342,7 +368,8 @@ def llama_checks(loaded) -> LlamaChecks:
     prompt format it was trained with) on CHAT_PROBES; a conversation the trained template
     itself cannot render (a refused role order) is left out."""
     tok = loaded.tokenizer
-    probes = tokenizer_probes(tok)
+    lead = probe_lead(tok)
+    probes = [lead + text for text in tokenizer_probes(tok)]
     chats, chat_ids = [], []
     for conversation in CHAT_PROBES:
         try:
@@ -352,4 +379,4 @@ def llama_checks(loaded) -> LlamaChecks:
         chats.append(loaded.encoder.renderable(list(conversation)))
         chat_ids.append(ids)
     return LlamaChecks(probes, [tok(t, add_special_tokens=True)["input_ids"] for t in probes],
-                       chats, chat_ids, lambda ids: tok.decode(ids))
+                       chats, chat_ids, lambda ids: tok.decode(ids), lead)
