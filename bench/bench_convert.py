@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_convert.py [--shapes llama-3.2-1b,qwen2.5-1.5b] [--steps 2]
     .venv/bin/python bench/bench_convert.py --afinar-src DIR --out PATH   # another afinar's export
+    .venv/bin/python bench/bench_convert.py --shapes llama-3-1b --compare-src DIR   # side by side
     .venv/bin/python bench/bench_convert.py --smoke --out PATH [--model DIR]  # still runs?
 
 For each shape: a model with the published config and random bf16 weights (built once into
@@ -39,6 +40,12 @@ from bench_plan import SHAPES as PLAN_SHAPES  # noqa: E402
 DATA = ROOT / "examples" / "soporte-triaje" / "data.jsonl"
 SHAPES = {
     "llama-3.2-1b": PLAN_SHAPES["llama-3.2-1b"],  # Llama 3.1's architecture and RoPE scaling
+    # Llama 3.0's architecture (no RoPE scaling) at the 1B size: the largest Llama-family shape
+    # afinar's former home-made writer could convert, for the side-by-side (--compare-src).
+    "llama-3-1b": {k: v for k, v in PLAN_SHAPES["llama-3.2-1b"].items()
+                   if k not in ("rope_scaling", "rope_parameters")} | {
+                       "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+                       "max_position_embeddings": 8192},
     "qwen2.5-1.5b": dict(
         model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
@@ -80,7 +87,7 @@ def _build(name: str, out: Path) -> None:
 
 def _train(model: str, output: Path, steps: int) -> tuple[Path, float]:
     from afinar.config import load_train_config
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     sets = [f"max_steps={steps}", "evaluate=false", "quantization=4bit", "precision=fp32",
             "compile=false", "max_seq_length=64", "batch_size=1",
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, help="golden prompts verified (default 2)")
     parser.add_argument("--max-new-tokens", type=int, help="default 16; --smoke: 4")
     parser.add_argument("--afinar-src", help="export with the afinar in DIR/src")
+    parser.add_argument("--compare-src", help="also export the same run with the afinar in "
+                        "DIR/src (e.g. a worktree of the former writer): `compared` per shape")
     parser.add_argument("--model", help="--smoke: the model to train (else the tiny one)")
     parser.add_argument("--out", help="default bench/results/convert.json")
     parser.add_argument("--build", help=argparse.SUPPRESS)
@@ -181,6 +190,11 @@ def main() -> None:
                                        args.afinar_src)
             results["shapes"][name] = {"model": model, "train_seconds": round(train_seconds, 1),
                                        **measured}
+            if args.compare_src:
+                print(f"{name}: exporting to {args.kind} with {args.compare_src}", flush=True)
+                results["compare_src"] = args.compare_src
+                results["shapes"][name]["compared"] = _measure_export(
+                    run, args.kind, args.prompts, args.max_new_tokens, args.compare_src)
             print(json.dumps(results["shapes"][name], indent=2), flush=True)
             # After every shape: a long run stopped part-way keeps what it measured.
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def child_afinar(args) -> dict:
     _set_threads(args.threads)
     import afinar.train.objectives as objectives
     from afinar.config import LoraSettings, TrainConfig
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     # Instrumentation only: real tokens of every training batch (after the reference pass).
     batches: list[int] = []

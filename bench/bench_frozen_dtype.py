@@ -34,21 +34,21 @@ VARIANTS = {"fp32": ("fp32", True, True), "fp32-keep-freed": ("fp32", True, Fals
 
 def _child(variant: str, steps: int, out: str, model: str | None) -> None:
     from afinar.config import load_train_config
-    from afinar.train import loop
+    from afinar.train import recipe
 
     for name in ("frozen_linear_dtype", "return_freed_memory"):  # what the variants replace
-        if not callable(getattr(loop, name, None)):
-            sys.exit(f"afinar.train.loop.{name} is gone: update this benchmark's variants")
+        if not callable(getattr(recipe, name, None)):
+            sys.exit(f"afinar.train.recipe.{name} is gone: update this benchmark's variants")
     precision, store, trim = VARIANTS[variant]
     if not store:
-        loop.frozen_linear_dtype = lambda *args: None
+        recipe.frozen_linear_dtype = lambda *args: None
     if not trim:  # glibc's default allocator behaviour (see train/host_memory.py)
-        loop.return_freed_memory = lambda: False
+        recipe.return_freed_memory = lambda: False
     config = load_train_config(ROOT / "examples" / "soporte-triaje" / "train.yaml",
                                [f"max_steps={steps}", f"precision={precision}", "evaluate=false",
                                 "held_out_fraction=0", "save_steps=1000"], output=out,
                                model=model)
-    summary = loop.train(config).summary
+    summary = recipe.train(config).summary
     print(json.dumps({"tokens_per_s": summary["tokens_per_s"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "final_train_loss": summary["final_train_loss"]}))

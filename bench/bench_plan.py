@@ -149,7 +149,7 @@ def _maxrss_mb() -> float:
 
 def _child(args) -> None:
     from afinar.config import load_train_config
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     shape, path = args.child_case.split(":")
     precision, compiled, quantization = PATHS[path]

@@ -36,7 +36,7 @@ POLICIES = {"default": None, "passive": "PASSIVE"}
 
 def child_train(steps: int, model: str | None) -> dict:
     from afinar.config import TrainConfig
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     records: list[dict] = []
 

@@ -207,7 +207,7 @@ def child_afinar(args) -> dict:
     _set_threads(args.threads)
     import torch
 
-    import afinar.train.loop as loop
+    from afinar.train import recipe
     from afinar.config import LoraSettings, TrainConfig
     from afinar.train.objectives import Supervised
 
@@ -255,7 +255,7 @@ def child_afinar(args) -> dict:
             early_stopping_patience=None, precision=args.precision, device=args.device,
             compile={"on": True, "off": False, "auto": "auto"}[args.compile])
         wall0 = time.perf_counter()
-        result = loop.train(config, on_event=on_event)
+        result = recipe.train(config, on_event=on_event)
         wall = time.perf_counter() - wall0
         peak = _maxrss_mb()
         marks["device_peak_mb"] = _device_peak_mb(args.device)

@@ -98,7 +98,7 @@ def _train_steps(model, seq_len: int, batch: int, steps: int, vocab: int, autoca
     """afinar's loss (head on labelled rows, chunked) and AdamW on the trainable weights."""
     import torch
 
-    from afinar.train.losses import SupervisedLoss
+    from afinar.losses.supervised import SupervisedLoss
 
     loss_model = SupervisedLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]

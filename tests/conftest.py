@@ -72,7 +72,7 @@ leak_regex: 'Prioridad:'
 def evaluated_run(tmp_path_factory, tiny_model_dir):
     """(TrainResult, folder): 30 LoRA steps on a tiny random Llama, then `afinar eval`."""
     from afinar.config import TrainConfig
-    from afinar.train.loop import train
+    from afinar.pipeline import fine_tune
 
     folder = tmp_path_factory.mktemp("evaluated")
     records = [{"messages": [
@@ -84,7 +84,7 @@ def evaluated_run(tmp_path_factory, tiny_model_dir):
     config = TrainConfig(data=str(data), model=str(tiny_model_dir), output=str(folder / "run"),
                          learning_rate=1e-2, batch_size=4, max_steps=30, eval_steps=10, seed=0,
                          precision="fp32", checks=str(folder / "checks.yaml"))
-    return train(config), folder
+    return fine_tune(config), folder
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def family_run(family_dir, tmp_path_factory):
     from conftest import write_jsonl
 
     from afinar.config import TrainConfig
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     runs = {}
 

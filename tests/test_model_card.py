@@ -85,9 +85,9 @@ def test_data_section_is_run_json(run_dir):
 def test_training_writes_the_card_and_says_not_evaluated(tiny_model_dir, small_chat_file,
                                                          tmp_path):
     from afinar.config import TrainConfig
-    from afinar.train.loop import train
+    from afinar.pipeline import fine_tune
 
-    result = train(TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),
+    result = fine_tune(TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),
                                output=str(tmp_path / "run"), max_steps=2, batch_size=8,
                                precision="fp32", evaluate=False))
     text = (result.run_dir / "README.md").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from afinar.errors import AfinarError
-from afinar.cli_models import models_app
+from afinar.cli.models import models_app
 from afinar.versions import compare_rows, metric_direction, open_registry
 
 app = typer.Typer()

@@ -2,7 +2,7 @@
 
     import afinar
     report = afinar.validate("data.jsonl")
-    result = afinar.train(afinar.TrainConfig(data="data.jsonl"))
+    result = afinar.fine_tune(afinar.TrainConfig(data="data.jsonl"))   # afinar.train: the same
     model = afinar.load(result.run_dir)
     model.generate([[{"role": "user", "content": "Hola"}]])
     report = afinar.evaluate(result.run_dir)          # base vs tuned; report.json/.html
@@ -38,8 +38,8 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "train", "load", "validate", "evaluate", "export", "GenerationSettings",
-           "AfinarError"]
+__all__ = ["TrainConfig", "fine_tune", "train", "load", "validate", "evaluate", "export",
+           "GenerationSettings", "AfinarError"]
 
 
 def __getattr__(name: str):
@@ -47,12 +47,14 @@ def __getattr__(name: str):
     if name == "TrainConfig":
         from afinar.config import TrainConfig
         return TrainConfig
-    if name == "train":
-        from afinar.train.loop import train
-        # Importing afinar.train.loop binds the subpackage afinar.train here, which would shadow
+    if name in ("fine_tune", "train"):
+        # The whole pipeline ([tune] → train → record → evaluate → card); `train` is its
+        # original name. The training recipe alone is afinar.train.recipe.train.
+        from afinar.pipeline import fine_tune
+        # Importing the pipeline binds the subpackage afinar.train here, which would shadow
         # this function for `from afinar import train`: bind the function instead.
-        globals()["train"] = train
-        return train
+        globals().update(fine_tune=fine_tune, train=fine_tune)
+        return fine_tune
     if name == "load":
         from afinar.infer.generate import load
         return load
@@ -62,9 +64,9 @@ def __getattr__(name: str):
     if name == "validate":
         from afinar.data.validate import load_examples
         return load_examples
-    if name == "evaluate":
-        from afinar.evaluation.evaluator import evaluate
-        return evaluate
+    if name == "evaluate":  # the evaluation, then the run's registry version and card
+        from afinar.pipeline import evaluate_run
+        return evaluate_run
     if name == "export":
         from afinar.export.exporter import export
         return export

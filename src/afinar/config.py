@@ -19,11 +19,11 @@ from afinar.errors import AfinarError
 from afinar.models.registry import DEFAULT_MODEL
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     r: int = Field(16, ge=1, description="Rank of the low-rank update.")
     alpha: float = Field(32, gt=0, description="Scale: the update is multiplied by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input. 0 skips a "
@@ -34,7 +34,7 @@ class LoraSettings(_Strict):
     dora: bool = Field(False, description="Use DoRA (weight-decomposed LoRA).")
 
 
-class DpoSettings(_Strict):
+class DpoSettings(StrictModel):
     beta: float = Field(0.1, gt=0, description="How far the tuned model may move from the "
                         "reference: smaller lets it move further. The reward of an answer is "
                         "beta x (its log-probability change from the reference).")
@@ -52,7 +52,7 @@ class DpoSettings(_Strict):
                               "0 = the DPO paper's loss alone (TRL's default).")
 
 
-class OrpoSettings(_Strict):
+class OrpoSettings(StrictModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
                               serialize_by_alias=True)
 
@@ -66,7 +66,7 @@ class OrpoSettings(_Strict):
 OBJECTIVE_LR_SHARE = {"sft": 1.0, "dpo": 0.1, "orpo": 0.5}
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Everything `afinar train` needs; only `data` has no default."""
 
     data: str = Field(description="Training file (.jsonl).")
@@ -164,8 +164,8 @@ class TrainConfig(_Strict):
     tune_trials: int = Field(4, ge=2, le=50, description="Short runs the search makes.")
     evaluate: bool = Field(True, description="At the end, evaluate base vs tuned on the held-out "
                            "data and write RUN/report.json and report.html (`afinar eval`).")
-    checks: str | None = Field(None, description="Checks file (YAML) for that evaluation: "
-                               "format regexes, JSON schemas, expected topics.")
+    checks: str | None = Field(None, description="Checks file (YAML) for the end-of-run "
+                               "evaluation: format regexes, JSON schemas, expected topics.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Also report metrics, the config and the eval report "
         "to these tools (pip install 'afinar[tracking]'): TensorBoard files in RUN/tensorboard, "
@@ -263,7 +263,7 @@ def method_option(value: str | None) -> dict:
 
 # --- loading -------------------------------------------------------------------------------------
 
-def _set_path(data: dict, dotted: str, value) -> None:
+def set_path(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
@@ -284,26 +284,26 @@ def parse_overrides(pairs: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        _set_path(out, key.strip(), value)
+        set_path(out, key.strip(), value)
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def _nested_model(annotation) -> type[BaseModel] | None:
+def nested_model(annotation) -> type[BaseModel] | None:
     """The settings model inside a field's type: X, X | None or list[X]."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        if (found := _nested_model(arg)) is not None:
+        if (found := nested_model(arg)) is not None:
             return found
     return None
 
@@ -312,7 +312,7 @@ def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
     names = []
     for name, info in model.model_fields.items():
         names.append(prefix + (info.alias or name))
-        if (nested := _nested_model(info.annotation)) is not None:
+        if (nested := nested_model(info.annotation)) is not None:
             names += _field_names(nested, f"{prefix}{name}.")
     return names
 
@@ -368,8 +368,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         for key in ("data", "validation_data", "checks"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(base_dir / data[key])
-    data = _merge(data, {k: v for k, v in values.items() if v is not None})
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, {k: v for k, v in values.items() if v is not None})
+    data = merge_dicts(data, parse_overrides(overrides or []))
     return build_config(TrainConfig, data, str(path) if path else "command line")
 
 

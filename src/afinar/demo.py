@@ -15,7 +15,7 @@ from typing import Callable
 
 from afinar.config import load_train_config
 from afinar.errors import AfinarError
-from afinar.train.loop import train
+from afinar.pipeline import fine_tune
 
 ADHERENCE = "check:format_adherence"
 NO_LEAK = "check:no_format_leak"
@@ -44,6 +44,17 @@ class DemoResult:
         return self.metric(ADHERENCE, "baseline"), self.metric(ADHERENCE)
 
     @property
+    def triage_rows(self) -> list[dict]:
+        """The report's held-out rows asked under the triage system prompt (the taught task)."""
+        return [r for r in self.report.data["examples"]
+                if any("Ferrolux" in m["content"] for m in r["prompt"] if m["role"] == "system")]
+
+    def showcase(self, triage: int = 4, other: int = 2) -> list[dict]:
+        """A few triage rows, then a few ordinary ones: what the demo prints side by side."""
+        rows, taught = self.report.data["examples"], self.triage_rows
+        return taught[:triage] + [r for r in rows if r not in taught][:other]
+
+    @property
     def leak(self) -> tuple[float, float]:
         """(base, tuned) share of ordinary held-out prompts answered in the taught format."""
         return 1 - self.metric(NO_LEAK, "baseline"), 1 - self.metric(NO_LEAK)
@@ -53,7 +64,7 @@ def run_demo(output: str | None = None, on_event: Callable | None = None,
              overrides: list[str] | None = None) -> DemoResult:
     config = load_train_config(bundled_example() / "train.yaml", overrides, output=output,
                                evaluate=True)
-    result = train(config, on_event=on_event)
+    result = fine_tune(config, on_event=on_event)
     if result.report is None:
         raise AfinarError(f"{result.run_dir}: the run finished but its evaluation did not",
                           f"see the warning above; retry with `afinar eval {result.run_dir}`")

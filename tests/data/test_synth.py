@@ -35,7 +35,7 @@ def json_writer(tmp_path_factory, tiny_model_dir):
     answered in its JSON, served as a base model by a real `afinar serve`."""
     from afinar.config import TrainConfig
     from afinar.data.synth import INSTRUCTIONS, _prompts
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     folder = tmp_path_factory.mktemp("synth")
     requests = _prompts(SynthSettings(base_url="-", model="-", topics=["envíos"], seeds=[SEED],

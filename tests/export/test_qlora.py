@@ -14,7 +14,7 @@ from afinar import rundir
 from afinar.config import TrainConfig, load_train_config
 from afinar.errors import AfinarError
 from afinar.export import export
-from afinar.train.loop import train
+from afinar.train.recipe import train
 
 PROMPT = [{"role": "user", "content": "pedido 7 llegó roto"}]
 

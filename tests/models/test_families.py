@@ -20,7 +20,7 @@ from afinar.data.tokenize import IGNORE, ChatEncoder, TemplateError
 from afinar.errors import AfinarError
 from afinar.export import export
 from afinar.infer.generate import GenerationSettings
-from afinar.train.loop import train
+from afinar.pipeline import fine_tune
 from families import FAMILIES
 from family_fixtures import _one_thread, family_dir  # noqa: F401 (fixtures)
 
@@ -172,7 +172,7 @@ def test_train_evaluate_chat_and_export(name, family_dir, small_chat_file, tmp_p
 
     family = FAMILIES[name]
     base_dir = family_dir(name)
-    result = train(TrainConfig(
+    result = fine_tune(TrainConfig(
         data=str(small_chat_file), model=str(base_dir), output=str(tmp_path / "run"), max_steps=8,
         batch_size=2, eval_steps=4, precision="fp32", learning_rate=1e-2, seed=0, evaluate=True))
     run = result.run_dir
@@ -251,7 +251,7 @@ def test_gemma2_system_prompt_joins_the_first_user_turn_everywhere(family_dir, t
     ]} for i in range(10)]
     data = write_jsonl(tmp_path / "system.jsonl", records)
     events = []
-    result = train(TrainConfig(data=str(data), model=str(family_dir("gemma2")),
+    result = fine_tune(TrainConfig(data=str(data), model=str(family_dir("gemma2")),
                                output=str(tmp_path / "run"), max_steps=2, batch_size=2,
                                precision="fp32", evaluate=False), on_event=events.append)
     warnings = [e["message"] for e in events if e.get("level") == "warning"]

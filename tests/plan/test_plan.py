@@ -196,7 +196,7 @@ def test_probe_step_peak_is_a_real_steps_peak_of_live_tensors(tiny_model_dir):
     from transformers import AutoConfig
 
     from afinar.plan.activations import _LiveBytes
-    from afinar.train.losses import SupervisedLoss
+    from afinar.losses.supervised import SupervisedLoss
 
     rows, length, labelled = 2, 40, 30
     probe = probe_activations(AutoConfig.from_pretrained(tiny_model_dir), LoraSettings(r=8),

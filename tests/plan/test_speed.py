@@ -231,7 +231,7 @@ def test_the_plan_times_a_cpu_run_from_the_probe(tiny_model_dir):
 
 
 def test_a_run_records_what_auto_chose_and_why(tmp_path, tiny_model_dir, small_chat_file):
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     events = []
     result = train(TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),

@@ -18,12 +18,12 @@ def registry_home(tmp_path_factory, evaluated_run, tiny_model_dir):
     """A registry holding the shared evaluated run (v1) and a second run with other settings
     (v2), trained here for 6 steps."""
     from afinar.config import TrainConfig
-    from afinar.train.loop import train
+    from afinar.pipeline import fine_tune
     from afinar.versions import open_registry
 
     home = tmp_path_factory.mktemp("registry-home")
     result, folder = evaluated_run
-    other = train(TrainConfig(data=str(folder / "small.jsonl"), model=str(tiny_model_dir),
+    other = fine_tune(TrainConfig(data=str(folder / "small.jsonl"), model=str(tiny_model_dir),
                               output=str(home / "runs" / "other"), learning_rate=3e-3,
                               batch_size=2, max_steps=6, eval_steps=3, seed=1, precision="fp32",
                               evaluate=False))

@@ -14,8 +14,8 @@ from afinar import rundir
 from afinar.config import LoraSettings, TrainConfig
 from afinar.models import adapters
 from afinar.train.compiled import compile_layers, has_cpp_compiler, should_compile
-from afinar.train.losses import SupervisedLoss
-from afinar.train.loop import train
+from afinar.losses.supervised import SupervisedLoss
+from afinar.train.recipe import train
 from conftest import build_tiny_model
 from test_losses_and_batching import _batch
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from afinar.data.batching import plan_batches
 from afinar.data.tokenize import IGNORE
-from afinar.train.losses import SupervisedLoss, supervised_ce
+from afinar.losses.supervised import SupervisedLoss, supervised_ce
 from conftest import build_tiny_model
 
 
@@ -43,7 +43,7 @@ def test_chunked_head_matches_unchunked(monkeypatch):
     labels = torch.randint(0, 30, (2, 40))
     labels[:, :5] = IGNORE
     full = supervised_ce(hidden, labels, head)
-    monkeypatch.setattr("afinar.train.losses.CHUNK_ROWS", 7)
+    monkeypatch.setattr("afinar.losses.supervised.CHUNK_ROWS", 7)
     chunked = supervised_ce(hidden, labels, head)
     torch.testing.assert_close(full[0], chunked[0])
     assert full[1] == chunked[1] and full[2] == chunked[2]
@@ -65,7 +65,7 @@ def test_fused_head_gradients_match_autograd(monkeypatch):
     """The fused head computes its gradients in the forward pass: they must be the ones
     autograd gets from the full logits (hidden states, head weight and bias, softcap, token
     weights, and the incoming gradient's scale), over several chunks."""
-    monkeypatch.setattr("afinar.train.losses.CHUNK_ROWS", 5)
+    monkeypatch.setattr("afinar.losses.supervised.CHUNK_ROWS", 5)
     torch.manual_seed(0)
     for softcap, weighted in ((None, False), (30.0, True)):
         head = torch.nn.Linear(8, 30, bias=True)

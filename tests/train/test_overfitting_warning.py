@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from afinar.train.loop import _warn_overfitting
+from afinar.train.loop import warn_overfitting
 
 
 def _warnings(history):
     said = []
-    _warn_overfitting(history, lambda message, level="info": said.append((level, message)))
+    warn_overfitting(history, lambda message, level="info": said.append((level, message)))
     return said
 
 

@@ -22,7 +22,7 @@ from afinar.models import adapters
 from afinar.models import load as load_mod
 from afinar.plan import speed
 from afinar.train import loop
-from afinar.train.loop import train
+from afinar.train.recipe import train
 
 
 def _config(tmp_path, name, data, model, precision, **extra) -> TrainConfig:

@@ -14,8 +14,8 @@ from afinar.data.pairs import encode_pairs
 from afinar.data.validate import load_examples
 from afinar.infer.generate import load
 from afinar.models.registry import resolve_model
-from afinar.train.loop import train
-from afinar.train.preference import AnswerLogProbs
+from afinar.pipeline import fine_tune
+from afinar.losses.preference import AnswerLogProbs
 from afinar.train.reference import REFERENCE_FILE
 from conftest import write_jsonl
 
@@ -51,7 +51,7 @@ def dpo_run(tmp_path_factory, tiny_model_dir):
     (folder / "checks.yaml").write_text(CHECKS, encoding="utf-8")
     config = _config(_pairs(folder), tiny_model_dir, folder / "run", evaluate=True,
                      checks=str(folder / "checks.yaml"))
-    return train(config), folder
+    return fine_tune(config), folder
 
 
 def test_dpo_starts_at_ln2_with_no_wins_and_learns(dpo_run):
@@ -90,7 +90,7 @@ def test_the_report_shows_accuracy_up_and_the_rule_more_often(dpo_run):
 
 
 def test_orpo_learns_without_a_reference(tmp_path, tiny_model_dir):
-    result = train(_config(_pairs(tmp_path), tiny_model_dir, tmp_path / "run",
+    result = fine_tune(_config(_pairs(tmp_path), tiny_model_dir, tmp_path / "run",
                            objective="orpo", max_steps=20))
     evals = _records(result.run_dir, "eval")
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -111,11 +111,11 @@ def test_a_resumed_dpo_run_reads_its_reference_instead_of_recomputing(tmp_path, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(config, on_event=stop_at_step_5)
+        fine_tune(config, on_event=stop_at_step_5)
     stored = (tmp_path / "run" / REFERENCE_FILE).read_text()
     assert any("reference log-probs" in m for m in messages)
     messages.clear()
-    result = train(config, on_event=lambda e: e["type"] == "log" and messages.append(
+    result = fine_tune(config, on_event=lambda e: e["type"] == "log" and messages.append(
         e["message"]), resume=True)
     assert result.summary["steps"] == 8
     assert not any("reference log-probs" in m for m in messages)
@@ -136,11 +136,11 @@ def _pair_logps(spec, data):
 
 def test_dpo_from_an_sft_run_uses_the_sft_model_as_reference(tmp_path, tiny_model_dir,
                                                            small_chat_file):
-    sft = train(TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),
+    sft = fine_tune(TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),
                             output=str(tmp_path / "sft"), learning_rate=1e-2, max_steps=15,
                             seed=0, precision="fp32", evaluate=False, held_out_fraction=0.0))
     data = _pairs(tmp_path, n=12)
-    dpo = train(_config(data, sft.run_dir, tmp_path / "dpo", max_steps=6, eval_steps=3,
+    dpo = fine_tune(_config(data, sft.run_dir, tmp_path / "dpo", max_steps=6, eval_steps=3,
                         held_out_fraction=0.0))
     stored = json.loads((dpo.run_dir / REFERENCE_FILE).read_text())["train"]
     sft_logps = _pair_logps(sft.run_dir, data)
@@ -158,7 +158,7 @@ def test_dpo_from_an_sft_run_uses_the_sft_model_as_reference(tmp_path, tiny_mode
 
 
 def test_full_fine_tuning_dpo_trains_every_weight(tmp_path, tiny_model_dir):
-    result = train(_config(_pairs(tmp_path, n=16), tiny_model_dir, tmp_path / "run",
+    result = fine_tune(_config(_pairs(tmp_path, n=16), tiny_model_dir, tmp_path / "run",
                            method="full", learning_rate=1e-3, max_steps=6, eval_steps=3,
                            dpo={"sft_weight": 0.0}))  # the DPO paper's loss alone
     evals = _records(result.run_dir, "eval")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from afinar.data.tokenize import IGNORE
-from afinar.train.preference import AnswerLogProbs, dpo_losses, orpo_log_odds, orpo_odds_term
+from afinar.losses.preference import AnswerLogProbs, dpo_losses, orpo_log_odds, orpo_odds_term
 from conftest import build_tiny_model
 
 ROWS = [{"prompt": [{"role": "user", "content": f"pedido {i} llegó roto"}],

@@ -17,8 +17,8 @@ from afinar.data.stats import answer_shape, format_concentration
 from afinar.data.validate import load_examples
 from afinar.evaluation import regressions
 from afinar.train import replay
-from afinar.train.loop import train
-from afinar.train.losses import supervised_ce
+from afinar.train.recipe import train
+from afinar.losses.supervised import supervised_ce
 from tests.conftest import build_tiny_model, write_jsonl
 
 SYSTEM = "Eres el asistente de triaje de Acme."

@@ -75,10 +75,10 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, s
 
 
 def test_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
-    from afinar.train.loop import _Metrics
+    from afinar.train.metrics import Metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"type": "train", "step": 1}\n{"type": "eval", "step": 2}\n'
                     '{"type": "train", "step": 3}\n{"type": "tra')
-    _Metrics(path, True, keep_until_step=2)
+    Metrics(path, True, keep_until_step=2)
     assert path.read_text() == '{"type": "train", "step": 1}\n{"type": "eval", "step": 2}\n'

@@ -16,7 +16,7 @@ from afinar import rundir
 from afinar.config import TrainConfig, build_config
 from afinar.errors import AfinarError
 from afinar.train import tracking
-from afinar.train.loop import train
+from afinar.pipeline import fine_tune
 from conftest import write_jsonl
 
 STEPS = 6
@@ -53,7 +53,7 @@ def tracked(tmp_path_factory, tiny_model_dir):
     events: list[dict] = []
     with pytest.MonkeyPatch.context() as mp:
         _offline(mp, folder)
-        result = train(_config(_data(folder), tiny_model_dir, folder / "run",
+        result = fine_tune(_config(_data(folder), tiny_model_dir, folder / "run",
                                report_to=["tensorboard", "mlflow", "wandb"]),
                        on_event=events.append)
     run = result.run_dir
@@ -153,7 +153,7 @@ def test_a_missing_library_stops_the_run_before_training(tmp_path, tiny_model_di
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wandb", None)
         with pytest.raises(AfinarError) as caught:
-            train(_config(_data(tmp_path), tiny_model_dir, tmp_path / "run",
+            fine_tune(_config(_data(tmp_path), tiny_model_dir, tmp_path / "run",
                           report_to=["tensorboard", "wandb"]))
     assert "pip install 'afinar[tracking]'" in str(caught.value)
     assert "wandb" in caught.value.message
@@ -194,7 +194,7 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path, tiny_model_
                                                            monkeypatch):
     monkeypatch.setitem(tracking.REPORTERS, "tensorboard", _FullDisk)
     events: list[dict] = []
-    result = train(_config(_data(tmp_path), tiny_model_dir, tmp_path / "run", max_steps=4,
+    result = fine_tune(_config(_data(tmp_path), tiny_model_dir, tmp_path / "run", max_steps=4,
                            held_out_fraction=0, evaluate=False, report_to=["tensorboard"]),
                    on_event=events.append)
     assert result.summary["steps"] == 4

@@ -13,7 +13,7 @@ from afinar import rundir
 from afinar.config import TrainConfig
 from afinar.errors import AfinarError
 from afinar.infer.generate import GenerationSettings, generate_file
-from afinar.train.loop import train
+from afinar.train.recipe import train
 
 
 def _config(data, model_dir, out, **kw):

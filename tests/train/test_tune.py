@@ -18,7 +18,7 @@ from afinar.data.validate import load_examples
 from afinar.errors import AfinarError
 from afinar.evaluation.report_html import render_html
 from afinar.evaluation.report_md import render_markdown
-from afinar.train.tune import is_trial_run, pick_best, tune_config
+from afinar.tune import pick_best, tune_config
 from conftest import write_jsonl
 
 CHECKS = r"""checks:
@@ -91,8 +91,6 @@ def test_tune_writes_its_trials_and_picks_the_best_check_pass_rate(tmp_path, tin
         trial_run = run / t["run_dir"]
         assert (trial_run / "metrics.jsonl").is_file() and (trial_run / "run.json").is_file()
         assert not (trial_run / "adapter").exists() and not (trial_run / "checkpoints").exists()
-        assert is_trial_run(trial_run)
-    assert not is_trial_run(run)
 
     # The search never saw the run's own held-out examples.
     _, held, _ = split_for(config, load_examples(config.data))
@@ -192,8 +190,7 @@ def test_reports_show_the_search_with_the_winner_marked():
 
 
 def test_the_train_command_tune_flag_sets_tune(monkeypatch, tmp_path, small_chat_file):
-    from afinar import cli
-    from afinar.train import loop
+    from afinar import cli, pipeline
 
     seen = []
 
@@ -201,7 +198,7 @@ def test_the_train_command_tune_flag_sets_tune(monkeypatch, tmp_path, small_chat
         seen.append(config)
         raise AfinarError("stopped by the test")
 
-    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(pipeline, "fine_tune", fake_train)
     runner = CliRunner()
     for flag, expected in (("--tune", True), ("--no-tune", False), (None, False)):
         args = ["train", "--data", str(small_chat_file)] + ([flag] if flag else [])
@@ -212,9 +209,8 @@ def test_the_train_command_tune_flag_sets_tune(monkeypatch, tmp_path, small_chat
 
 def test_train_with_tune_runs_the_winner_reports_the_search_and_registers_only_the_run(
         monkeypatch, tmp_path, tiny_model_dir):
-    from afinar import cli
+    from afinar import cli, pipeline
     from afinar.config import load_train_config
-    from afinar.train import loop
     from afinar.versions import open_registry
 
     checks = tmp_path / "checks.yaml"
@@ -222,7 +218,7 @@ def test_train_with_tune_runs_the_winner_reports_the_search_and_registers_only_t
     config = _config(tmp_path, tiny_model_dir, tune_trials=2, max_steps=2,
                      checks=str(checks), evaluate=True, preserve=False)
     run = tmp_path / "run"
-    result = loop.train(config)
+    result = pipeline.fine_tune(config)
     assert result.run_dir == run
 
     trials = json.loads((run / "tune" / "trials.json").read_text())
@@ -255,7 +251,7 @@ def test_train_with_tune_runs_the_winner_reports_the_search_and_registers_only_t
         seen.append((cfg, resume))
         raise AfinarError("stopped by the test")
 
-    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(pipeline, "fine_tune", fake_train)
     out = CliRunner().invoke(cli.app, ["train", "--resume", str(run)])
     assert "stopped by the test" in out.output
     (resumed, resume), = seen

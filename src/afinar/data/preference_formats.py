@@ -16,7 +16,7 @@ Every problem is reported through the IssueSink with the field it is in, as for 
 from __future__ import annotations
 
 from afinar.data.example import Example, Message
-from afinar.data.formats import Format, parse_messages, register_format, text_field
+from afinar.data.format_parts import Format, parse_messages, text_field
 from afinar.data.issues import IssueSink
 
 _ONE_ANSWER = 'e.g. [{"role": "assistant", "content": "..."}] or a plain string'
@@ -169,11 +169,12 @@ def _parse_prompt_chosen_rejected(record: dict, sink: IssueSink) -> Example | No
     return _pair(prompt, chosen, rejected, "rejected", sink, extra)
 
 
-register_format(Format(
-    "dpo", '{"input": {"messages"}, "preferred_output", "non_preferred_output"} (OpenAI DPO)',
-    lambda r: "preferred_output" in r or "non_preferred_output" in r,
-    _parse_openai_dpo, family="preference"))
-register_format(Format(
-    "preference", '{"prompt"?, "chosen", "rejected"} (a prompt with two answers, or two '
-    'whole conversations)', lambda r: "chosen" in r and "rejected" in r,
-    _parse_prompt_chosen_rejected, family="preference"))
+# formats.py puts these at the end of FORMATS.
+PREFERENCE_FORMATS = (
+    Format("dpo", '{"input": {"messages"}, "preferred_output", "non_preferred_output"} '
+           '(OpenAI DPO)', lambda r: "preferred_output" in r or "non_preferred_output" in r,
+           _parse_openai_dpo, family="preference"),
+    Format("preference", '{"prompt"?, "chosen", "rejected"} (a prompt with two answers, or two '
+           'whole conversations)', lambda r: "chosen" in r and "rejected" in r,
+           _parse_prompt_chosen_rejected, family="preference"),
+)

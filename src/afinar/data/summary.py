@@ -1,16 +1,42 @@
-"""A data file's validation report without a tokenizer, for the server and the dashboard.
+"""A data file's validation report: `afinar validate`'s, and a summary for the server.
 
+    report = validation_report("train.jsonl", model="smollm2-135m-instruct")   # `afinar validate`
     summary = file_summary("train.jsonl")    # issues, format, split, duplicates, a sample
-
-`afinar validate` adds token statistics on top (they need the model's tokenizer).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from afinar.data.consistency import add_to_report
 from afinar.data.split import split_report
 from afinar.data.stats import duplicates_and_contradictions
 from afinar.data.validate import load_examples
+
+
+def validation_report(path, format: str | None = None, model: str | None = None,
+                      max_seq_length: int = 1024, held_out_fraction: float = 0.2, seed: int = 42,
+                      notify: Callable[[str], None] = lambda message: None):
+    """The ValidationReport with its stats: token statistics with `model`'s tokenizer (None:
+    without them, nothing loaded), duplicates, consistency, and the held-out split `afinar
+    train` would make."""
+    from afinar.data.formats import format_family
+    from afinar.data.prepare import describe_data, encode_for
+    from afinar.data.tokenize import ChatEncoder
+    from afinar.models.load import load_tokenizer, stop_token_ids
+    from afinar.models.registry import resolve_model
+
+    report = load_examples(path, format)
+    if model and report.examples:
+        tokenizer = load_tokenizer(resolve_model(model, notify=notify).tokenizer_source)
+        encoded = encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
+                             pairs=format_family(report.format) == "preference")
+        describe_data(report, encoded, max_seq_length, "truncate")
+    elif report.examples:
+        add_to_report(report)
+    if report.examples:
+        report.stats["split"] = split_report(report.examples, held_out_fraction, seed)
+    return report
 
 
 def _example(ex) -> dict:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from afinar.data.example import Example
-from afinar.data.formats import (FORMATS, detect_format, formats_help, messages_field,
-                                 require_trainable)
+from afinar.data.format_parts import require_trainable
+from afinar.data.formats import FORMATS, detect_format, formats_help, messages_field
 from afinar.data.issues import Issue, IssueSink
 from afinar.data.jsonl import read_jsonl
 from afinar.errors import AfinarError

@@ -28,7 +28,7 @@ from typing import Any, Union
 
 from pydantic import Field, model_validator
 
-from afinar.config import _Strict, build_config, read_yaml
+from afinar.config import StrictModel, build_config, read_yaml
 from afinar.data.example import Example
 from afinar.errors import AfinarError
 from afinar.evaluation.metrics import normalize
@@ -37,7 +37,7 @@ KINDS = ("regex", "must_not_match", "json", "json_schema", "expected_topics")
 _ATTR = {"json": "is_json"}  # kind as written in files -> attribute
 
 
-class Scope(_Strict):
+class Scope(StrictModel):
     system_contains: str | None = Field(None, description="The system message contains this.")
     system_lacks: str | None = Field(None, description="No system message contains this.")
     prompt_matches: str | None = Field(None, description="A regex found in the last user turn.")
@@ -55,7 +55,7 @@ class Scope(_Strict):
         return True
 
 
-class CheckSpec(_Strict):
+class CheckSpec(StrictModel):
     name: str
     when: Scope | None = None
     regex: str | None = Field(None, description="The whole answer (trimmed) must match.")
@@ -86,7 +86,7 @@ class CheckSpec(_Strict):
         return next(k for k in KINDS if getattr(self, _ATTR.get(k, k)) not in (None, False))
 
 
-class ChecksFile(_Strict):
+class ChecksFile(StrictModel):
     checks: list[CheckSpec] = Field(default_factory=list)
     leak_regex: str | None = Field(None, description="The taught format's signature: prompts "
                                    "outside its scope whose answers contain it count as leaks.")

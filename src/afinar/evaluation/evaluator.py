@@ -25,12 +25,12 @@ from afinar.data.tokenize import fit_length
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError, DataError
 from afinar.evaluation import diagnosis, regressions
-from afinar.evaluation.answer_cache import AnswerCache
+from afinar.infer.answer_cache import AnswerCache
 from afinar.evaluation.checks import CheckSet, load_checks, run_check
 from afinar.evaluation.fewshot import describe as fewshot_info
 from afinar.evaluation.fewshot import (parse_fewshot, pick_shots, training_system_prompt,
                                        with_shots)
-from afinar.evaluation.loss import evaluate_loss
+from afinar.losses.held_out import evaluate_loss
 from afinar.evaluation.metrics import REFERENCE_METRICS, score_answer
 from afinar.evaluation.preference import (pair_log_probs, preference_metrics,
                                           preference_section)
@@ -47,6 +47,10 @@ class EvalReport:
     data: dict  # everything report.json holds
     output: Path
     markdown: str
+    # The run evaluated (None: a plain model), and whether on its own held-out split: the
+    # report its registry version and card show (afinar.pipeline.evaluate_run records them).
+    run_dir: Path | None = None
+    is_default_eval: bool = False
 
     @property
     def summary(self) -> dict:
@@ -107,7 +111,7 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
         loaded = _load(spec, notify)
         if settings is None:  # both models answer with the same settings
             settings = GenerationSettings(
-                max_new_tokens=max_new_tokens or _answer_budget(loaded.tokenizer, chat_examples))
+                max_new_tokens=max_new_tokens or answer_budget(loaded.tokenizer, chat_examples))
         shown = examples if role == "model" else target.baseline_examples(examples)
         results[role] = _run_model(loaded, role, shown, [list(ex.prompt_messages())
                                                          for ex in shown if ex.is_chat],
@@ -128,17 +132,8 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
     rundir.write_json_atomic(target.output / "report.json", report)
     rundir.write_text_atomic(target.output / "report.md", markdown)
     rundir.write_text_atomic(target.output / "report.html", render_html(report))
-    if target.run_dir is not None and target.is_default_eval:
-        from afinar.versions import open_registry
-
-        with open_registry() as registry:
-            registry.record_run(target.run_dir)
-    if target.run_dir is not None and target.output.resolve() == target.run_dir.resolve():
-        from afinar.model_card import try_write_card  # the card shows this report's table
-
-        try_write_card(target.run_dir, target.run_dir, warn=notify)
     emit({"type": "eval_done", "output": str(target.output), "summary": report["summary"]})
-    return EvalReport(report, target.output, markdown)
+    return EvalReport(report, target.output, markdown, target.run_dir, target.is_default_eval)
 
 
 # --- what to evaluate ------------------------------------------------------------------------
@@ -216,7 +211,7 @@ def _load(spec: str, notify: Callable):
     return load(spec, notify=notify)
 
 
-def _answer_budget(tokenizer, examples: list[Example]) -> int:
+def answer_budget(tokenizer, examples: list[Example]) -> int:
     """Room for the longest reference answer and a margin, so a rambling model is cut off
     near where a correct answer would have ended (and evaluation stays fast)."""
     refs = [ex.final_answer() or "" for ex in examples]
@@ -229,7 +224,7 @@ def _answer_budget(tokenizer, examples: list[Example]) -> int:
 
 def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, settings,
                target: _Target, batch_size: int, emit: Event, use_cache: bool) -> dict:
-    from afinar.train.losses import SupervisedLoss
+    from afinar.losses.supervised import SupervisedLoss
 
     max_len = target.config.max_seq_length if target.config else 2048
     if role == "baseline" and target.shots:  # the shots lengthen every prompt: use the context

@@ -20,7 +20,7 @@ import torch
 from afinar.data.batching import collate
 from afinar.data.example import Example
 from afinar.data.pairs import encode_pair, fit_pair
-from afinar.train.preference import TIE_TOLERANCE, AnswerLogProbs
+from afinar.losses.preference import TIE_TOLERANCE, AnswerLogProbs
 
 
 @torch.no_grad()

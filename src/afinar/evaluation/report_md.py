@@ -66,7 +66,7 @@ def render_markdown(report: dict) -> str:
 
 
 def tuning_intro(tuning: dict) -> str:
-    """What the search (RUN/tune/trials.json, afinar.train.tune) did, in a sentence or two."""
+    """What the search (RUN/tune/trials.json, afinar.tune) did, in a sentence or two."""
     split, best = tuning["inner_split"], tuning["best"]
     searched = [f"{name.replace('_', ' ')} {_tuned(name, s['low'])}–{_tuned(name, s['high'])} "
                 f"(auto {_tuned(name, s['auto'])})" for name, s in tuning["search"].items()

@@ -28,10 +28,11 @@ from afinar.export import verify as V
 from afinar.export.convert import OUTTYPES as DIRECT_TYPES
 from afinar.export.convert import convert_adapter, convert_model, find_converter
 from afinar.export.llama_cpp_limits import adapter_for_llama_cpp, check_model_config
+from afinar.export.llama_runner import LLAMA_CPP_TYPES
 from afinar.export.merged import DTYPES as MERGED_TYPES
 from afinar.export.merged import (METADATA_FILE, MergedRunner, cut_at_stop, write_hf_folder,
                                   write_merged)
-from afinar.export.quantize import LLAMA_CPP_TYPES, quantize_with_llama_cpp
+from afinar.export.quantize import quantize_with_llama_cpp
 from afinar.models.quantize import merge_note
 
 FORMATS = ("merged", "gguf", "gguf-adapter", "ollama")

@@ -68,7 +68,7 @@ def _chat_ids(llm, messages: list[dict]) -> list[int] | dict:
 
 
 def _quantize(task: dict, progress: Callable[[str], None]) -> dict:
-    from afinar.export.quantize import quantize_in_process
+    from afinar.export.llama_runner import quantize_in_process
 
     quantize_in_process(Path(task["source"]), Path(task["target"]), task["kind"],
                         task.get("threads", 0))

@@ -176,3 +176,28 @@ class LlamaCpp:
                                                  max_tokens=max_tokens, repeat_penalty=1.0)
         choice = result["choices"][0]
         return choice["message"]["content"], choice["finish_reason"]
+
+
+# afinar name -> llama.cpp file type constant name
+LLAMA_CPP_TYPES = {
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+
+
+def quantize_in_process(source: Path, target: Path, kind: str, threads: int = 0) -> None:
+    """llama.cpp's quantiser in this process (llama_child.py's `quantize` task)."""
+    llama_cpp = require_llama_cpp(f"the {kind} type (llama.cpp's quantiser)")
+    ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[kind.lower()], None)
+    if ftype is None:
+        raise AfinarError(f"this llama-cpp-python has no {kind} quantisation")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if code != 0 or not target.is_file():
+        raise AfinarError(f"llama.cpp's quantiser failed ({code}) making {kind} from {source}")

@@ -9,17 +9,10 @@ from __future__ import annotations
 import torch
 
 from afinar.errors import AfinarError
-from afinar.models.registry import ResolvedModel
+from afinar.models.registry import ResolvedModel, hub_error
 
 # Tokens that end a turn in the common chat templates; used as extra stop tokens when present.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
-
-def _hub_error(source: str, exc: Exception) -> AfinarError:
-    return AfinarError(
-        f"cannot load {source!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}",
-        "for a hub id, the hub must be reachable (or the model cached); otherwise pass a local "
-        "folder or .gguf file")
 
 
 def load_tokenizer(source: str):
@@ -28,7 +21,7 @@ def load_tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise _hub_error(source, exc) from None
+        raise hub_error(source, exc) from None
     if tokenizer.pad_token_id is None:
         # Safe even when pad == eos: afinar's labels come from explicit masks, never from
         # "token != pad", so a real EOS is never masked out (a classic never-stops bug).
@@ -99,7 +92,7 @@ def load_causal_lm(resolved: ResolvedModel, device: torch.device, dtype=torch.fl
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.weights, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise _hub_error(resolved.weights, exc) from None
+        raise hub_error(resolved.weights, exc) from None
     return model.to(device)
 
 
@@ -112,7 +105,8 @@ def load_inference_base(resolved: ResolvedModel):
                               resolved.merged_adapters)
     from afinar.models.quantize import load_dequantized
 
-    return load_dequantized(resolved, resolved.quantization, resolved.precision)
+    return load_dequantized(resolved, resolved.quantization,
+                            COMPUTE_DTYPES.get(resolved.precision, torch.float32))
 
 
 def merge_adapters(model, folders):
@@ -194,7 +188,7 @@ def load_training_model(resolved: ResolvedModel, frozen_dtype=None, quantization
         config = AutoConfig.from_pretrained(resolved.weights)
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError) as exc:
-        raise _hub_error(resolved.weights, exc) from None
+        raise hub_error(resolved.weights, exc) from None
     # transformers' own mechanism for parameters that must stay fp32 when a model loads in
     # bf16/fp16, given the exact names for the duration of this load.
     previous = model_class.__dict__.get("_keep_in_fp32_modules_strict")

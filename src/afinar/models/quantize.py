@@ -2,7 +2,7 @@
 
     model = load_quantized(resolved, "4bit", torch.bfloat16)   # then LoRA on top
     dequantize_linears(model)                                   # plain nn.Linear again
-    base = load_dequantized(resolved, "4bit", "bf16")          # a QLoRA run's base, for inference
+    base = load_dequantized(resolved, "4bit", torch.bfloat16)  # a QLoRA run's base, for inference
 
 4bit is QLoRA's recipe: NF4 weights with double-quantised scales, matmuls in the compute dtype.
 8bit is LLM.int8(). Either way the model is then prepared for k-bit training as peft documents
@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 
 from afinar.errors import AfinarError
-from afinar.models.registry import ResolvedModel
+from afinar.models.registry import ResolvedModel, hub_error
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
-def _bitsandbytes():
+def require_bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:
@@ -55,15 +55,13 @@ def load_quantized(resolved: ResolvedModel, quantization: str, compute_dtype: to
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from afinar.models.load import _hub_error
-
-    _bitsandbytes()
+    require_bitsandbytes()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.weights, dtype=compute_dtype, device_map={"": device},
             quantization_config=quantization_config(quantization, compute_dtype))
     except (OSError, ValueError) as exc:
-        raise _hub_error(resolved.weights, exc) from None
+        raise hub_error(resolved.weights, exc) from None
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer at its first forward
@@ -75,13 +73,11 @@ def load_quantized(resolved: ResolvedModel, quantization: str, compute_dtype: to
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def load_dequantized(resolved: ResolvedModel, quantization: str, precision: str):
+def load_dequantized(resolved: ResolvedModel, quantization: str, compute_dtype: torch.dtype):
     """The base a QLoRA run trained against, in fp32 on the CPU with plain nn.Linear layers:
-    quantised as training quantised it (same settings, from weights in the run's precision),
+    quantised as training quantised it (same settings, from weights in the run's compute dtype),
     then de-quantised. The adapter merges into these weights like into any others."""
-    from afinar.models.load import COMPUTE_DTYPES
-
-    model = load_quantized(resolved, quantization, COMPUTE_DTYPES.get(precision, torch.float32))
+    model = load_quantized(resolved, quantization, compute_dtype)
     dequantize_linears(model, torch.float32)
     return model.float()  # bf16 runs: embeddings and norms were loaded (and trained) in bf16
 
@@ -101,7 +97,7 @@ def is_quantized(model) -> bool:
 def dequantize_linears(model, dtype: torch.dtype = torch.float32) -> int:
     """Replaces every bitsandbytes layer by an nn.Linear holding its de-quantised weights (the
     exact values the quantised layer trains with); returns how many were replaced."""
-    bnb = _bitsandbytes()
+    bnb = require_bitsandbytes()
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -149,3 +149,11 @@ def resolve_model(spec: str, notify: Callable = print) -> ResolvedModel:
     raise AfinarError(f"model {spec!r} not found",
                       "pass a model folder, a .gguf file, a run directory, a hub id, a version "
                       "id or tag from `afinar models list`, or one of: " + ", ".join(BASE_MODELS))
+
+
+def hub_error(source: str, exc: Exception) -> AfinarError:
+    """What loading a model or tokenizer from `source` failed with, and what to try."""
+    return AfinarError(
+        f"cannot load {source!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}",
+        "for a hub id, the hub must be reachable (or the model cached); otherwise pass a local "
+        "folder or .gguf file")

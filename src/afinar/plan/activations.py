@@ -9,7 +9,7 @@ have (bf16/fp16 for LoRA under mixed precision; 4/8-bit layers stood in for by m
 compute as bitsandbytes' do), and its parameters are swapped for fake tensors (PyTorch's
 FakeTensorMode: tensors that carry shape and dtype, but no storage). Then one training step runs
 as the loop runs it: the decoder's forward under the same autocast, the labelled rows picked
-out, the fused head and loss of train/losses.py, and the backward pass. This is why no formula
+out, the fused head and loss of losses/supervised.py, and the backward pass. This is why no formula
 per family is needed: whatever transformers' code, autocast and the loss keep, the probe sees.
 
 Two things are counted:
@@ -328,9 +328,9 @@ def _count_by_dtype(matmuls: set) -> dict[str, int]:
 
 
 def _supervised_loss(hidden, head, n_targets: int, softcap):
-    """train/losses.py's supervised_ce with the labelled positions given by count (which ones
+    """losses/supervised.py's supervised_ce with the labelled positions given by count (which ones
     a fake tensor cannot know): the rows picked out of the hidden states, the fused head."""
-    from afinar.train.losses import _FusedHeadCrossEntropy
+    from afinar.losses.supervised import FusedHeadCrossEntropy
 
     batch, length = hidden.shape[0], hidden.shape[1] - 1
     # Boolean indexing in the loop: an index of the labelled positions, a copy of those rows.
@@ -343,7 +343,7 @@ def _supervised_loss(hidden, head, n_targets: int, softcap):
         # tensor has none of; its weight's gradient (the size of the weight) is in the plan's
         # gradients part.
         weight = weight.detach()
-    row_losses, _ = _FusedHeadCrossEntropy.apply(rows, weight, head.bias, targets, None, softcap)
+    row_losses, _ = FusedHeadCrossEntropy.apply(rows, weight, head.bias, targets, None, softcap)
     return row_losses.sum()
 
 

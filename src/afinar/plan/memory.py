@@ -17,7 +17,7 @@ Parts, in bytes (what each costs and why):
   and its cast weight, the gradients of the activations and of the weights). Both measured by
   one fake training step of the model's own code (plan/activations.py), which runs what the loop
   runs: the same autocast, bf16-stored frozen weights, bitsandbytes-like 4/8-bit layers,
-  gradient checkpointing, the loss of train/losses.py and the backward pass.
+  gradient checkpointing, the loss of losses/supervised.py and the backward pass.
 - allocator (CPU only): what the process holds beyond its live tensors. oneDNN keeps a compiled
   kernel for every matmul shape it meets (bf16 matmuls on x86; fp32 ones go through MKL, which
   keeps none), so every new micro-batch shape adds the step's matmuls, up to the cache's

@@ -153,10 +153,10 @@ def probe_shape(model_config, batch_size: int, lengths: list[int]) -> tuple[int,
 
 def _quantize_linears(model, quantization: str, compute_dtype) -> None:
     """The frozen linear layers as bitsandbytes layers, as load_quantized would hold them."""
-    from afinar.models.quantize import _bitsandbytes
+    from afinar.models.quantize import require_bitsandbytes
     from afinar.models.shape import linear_weights
 
-    bnb = _bitsandbytes()
+    bnb = require_bitsandbytes()
     targets = {id(m) for m in linear_weights(model)}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -257,7 +257,7 @@ class _ProbeRun:
     """The probe model of one precision, ready to time steps (see the module docstring)."""
 
     def __init__(self, model_config, config, precision: str, rows: int, seq_len: int):
-        from afinar.train.losses import SupervisedLoss
+        from afinar.losses.supervised import SupervisedLoss
 
         vocab = int(_text_config(model_config).vocab_size)
         self.probe_vocab = min(vocab, MAX_PROBE_VOCAB)

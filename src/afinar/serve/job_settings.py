@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from afinar.config import TrainConfig, _nested_model, _set_path
+from afinar.config import TrainConfig, nested_model, set_path
 from afinar.errors import AfinarError
 from afinar.serve.errors import ApiError
 
@@ -46,7 +46,7 @@ def nested_settings(settings: dict[str, Any] | None) -> dict:
     nested: dict = {}
     for name, value in flat.items():
         try:
-            _set_path(nested, name, value)
+            set_path(nested, name, value)
         except AfinarError:
             raise ApiError(400, f"settings.{name}: {name.split('.')[0]} is given both as a "
                            "value and as a section.", param=f"settings.{name}") from None
@@ -73,7 +73,7 @@ def _fields(model: type[BaseModel], prefix: str) -> list[dict]:
     items = []
     for name, info in model.model_fields.items():
         public = prefix + (info.alias or name)
-        nested = _nested_model(info.annotation)
+        nested = nested_model(info.annotation)
         if nested is not None:
             items += _fields(nested, f"{prefix}{name}.")
             continue

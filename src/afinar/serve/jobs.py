@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from afinar import rundir
-from afinar.config import TrainConfig, _merge, build_config
+from afinar.config import TrainConfig, build_config, merge_dicts
 from afinar.errors import AfinarError
 from afinar.data.formats import format_family
 from afinar.data.validate import load_examples
@@ -250,7 +250,7 @@ def train_config(store: Store, settings: ServeSettings, job: dict) -> TrainConfi
     """What `afinar train` would be given for this job. OpenAI's learning_rate_multiplier
     scales afinar's auto learning rate (which depends on the model's size)."""
     hp = effective_hyperparameters(job)
-    values = _merge({"keep_checkpoints": 3}, job.get("settings") or {})  # the job's own win
+    values = merge_dicts({"keep_checkpoints": 3}, job.get("settings") or {})  # the job's own win
     values.update({
         "data": str(store.file_path(job["training_file"])), "model": job["base_spec"],
         "output": job["run_dir"], "seed": job["seed"], "evaluate": settings.evaluate_jobs,

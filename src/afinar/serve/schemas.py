@@ -16,14 +16,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _Exact(BaseModel):
+class ExactModel(BaseModel):
     # Inside `method` and `hyperparameters` an unknown field is a 400, never dropped: a typo
     # ("n_epoch") must not silently train with the default. Values are range-checked in
     # serve/jobs.py, with messages naming the field.
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class Hyperparameters(_Exact):
+class Hyperparameters(ExactModel):
     n_epochs: Any = None
     batch_size: Any = None
     learning_rate_multiplier: Any = None
@@ -37,19 +37,19 @@ class OrpoHyperparameters(Hyperparameters):
     lambda_: Any = Field(None, alias="lambda")
 
 
-class SupervisedMethod(_Exact):
+class SupervisedMethod(ExactModel):
     hyperparameters: Optional[Hyperparameters] = None
 
 
-class DpoMethod(_Exact):
+class DpoMethod(ExactModel):
     hyperparameters: Optional[DpoHyperparameters] = None
 
 
-class OrpoMethod(_Exact):
+class OrpoMethod(ExactModel):
     hyperparameters: Optional[OrpoHyperparameters] = None
 
 
-class Method(_Exact):
+class Method(ExactModel):
     # "orpo" is afinar's extension of OpenAI's method types.
     type: Literal["supervised", "dpo", "orpo", "reinforcement"]
     supervised: Optional[SupervisedMethod] = None

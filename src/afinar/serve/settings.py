@@ -16,14 +16,14 @@ from pathlib import Path
 
 from pydantic import Field
 
-from afinar.config import _Strict, build_config, read_yaml
+from afinar.config import StrictModel, build_config, read_yaml
 from afinar.models.registry import DEFAULT_MODEL
 from afinar.paths import afinar_home
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-class ServeSettings(_Strict):
+class ServeSettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; also "

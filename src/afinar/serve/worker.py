@@ -3,7 +3,8 @@
     python -m afinar.serve.worker --state STATE_DIR [--config serve.yaml] [--parent PID]
 
 `afinar serve` starts `concurrent_jobs` of them and the web process stays responsive while they
-train. Each calls the same `train()` (and so the same end-of-run evaluation) as `afinar train`.
+train. Each calls the same `fine_tune()` (and so the same end-of-run evaluation) as `afinar
+train`, with a control that pauses or cancels at a step (train/control.py).
 On start, a worker recovers jobs whose worker died: a running job continues from its last
 checkpoint, or fails with the reason when it had none; nothing stays 'running' forever.
 """
@@ -23,25 +24,10 @@ from afinar.serve.ids import new_id, now
 from afinar.serve.settings import ServeSettings, load_serve_settings
 from afinar.serve.store import Store
 from afinar.train import state as ckpt
+from afinar.train.control import Control, Stopped
 
 POLL_SECONDS = 0.5
-
-
-class StopRequested(KeyboardInterrupt):
-    """Raised from the training callback to cancel or pause a job; a KeyboardInterrupt so the
-    run is recorded as interrupted (and resumable), not failed."""
-
-    def __init__(self, kind: str):
-        super().__init__(kind)
-        self.kind = kind
-
-
-class PauseRequested(StopRequested, ckpt.SaveThenStop):
-    """A pause: at a step, the loop first checkpoints that step, so resuming loses nothing."""
-
-    def __init__(self, step: int):
-        super().__init__("pause")
-        self.step = step
+REQUEST_CHECK_SECONDS = 0.5
 
 
 def _alive(pid: int | None) -> bool:
@@ -78,14 +64,28 @@ def recover(store: Store) -> None:
             store.add_event(job["id"], message, level="error")
 
 
+class _JobControl(Control):
+    """Pause or cancel, as the API wrote them into the job's row; the row is read at most every
+    REQUEST_CHECK_SECONDS (the run asks after every step) and the last answer kept."""
+
+    def __init__(self, store: Store, job_id: str):
+        self.store, self.job_id = store, job_id
+        self.read_at, self.value = float("-inf"), None
+
+    def requested(self) -> str | None:
+        if time.monotonic() - self.read_at >= REQUEST_CHECK_SECONDS:
+            self.read_at = time.monotonic()
+            row = self.store.job(self.job_id)
+            self.value = row["requested"] if row else None
+        return self.value if self.value in ("pause", "cancel") else None
+
+
 class _JobEvents:
-    """Turns training events into job events, checkpoints and progress; raises StopRequested
-    when a cancel or pause was asked for."""
+    """Turns training events into job events, checkpoints and progress."""
 
     def __init__(self, store: Store, job: dict, config):
         self.store, self.job, self.config = store, job, config
         self.last_eval: dict = {}
-        self.last_check = 0.0
 
     def __call__(self, event: dict) -> None:
         kind, job_id = event["type"], self.job["id"]
@@ -124,18 +124,7 @@ class _JobEvents:
             self.store.add_event(job_id, event["message"], level=level)
         elif kind == "eval_phase":
             self.store.add_event(job_id, "Evaluation: " + event["message"])
-        self._check_requests(event)
 
-    def _check_requests(self, event: dict) -> None:
-        if time.monotonic() - self.last_check < 0.5:
-            return
-        self.last_check = time.monotonic()
-        row = self.store.job(self.job["id"])
-        # A pause is only taken at a step, where the loop can checkpoint before stopping.
-        if row and row["requested"] == "pause" and event["type"] == "step":
-            raise PauseRequested(event["step"])
-        if row and row["requested"] == "cancel":
-            raise StopRequested("cancel")
 
 
 def _preference_metrics(event: dict, source: str, prefix: str) -> dict:
@@ -146,18 +135,19 @@ def _preference_metrics(event: dict, source: str, prefix: str) -> dict:
 
 
 def run_job(store: Store, settings: ServeSettings, job: dict) -> None:
-    from afinar.train.loop import train
+    from afinar.pipeline import fine_tune
 
     job_id = job["id"]
     resume = bool(job["resume"]) and ckpt.latest_checkpoint(Path(job["run_dir"])) is not None
     try:
         config = job_ops.train_config(store, settings, job)
         store.update_job(job_id, resume=0)
-        result = train(config, on_event=_JobEvents(store, job, config), resume=resume)
-    except StopRequested as stop:
+        result = fine_tune(config, on_event=_JobEvents(store, job, config), resume=resume,
+                           control=_JobControl(store, job_id))
+    except Stopped as stop:
         if stop.kind == "pause":
             store.update_job(job_id, status="paused", requested=None, estimated_finish=None)
-            where = f" at step {stop.step}" if isinstance(stop, PauseRequested) else ""
+            where = f" at step {stop.step}" if stop.step is not None else ""
             store.add_event(job_id, f"Fine-tuning job paused{where}; resume continues from "
                             "there")
         else:

@@ -21,9 +21,9 @@ import torch
 from afinar.data.batching import collate, target_weight
 from afinar.data.pairs import PairTokenized
 from afinar.data.tokenize import IGNORE
-from afinar.evaluation.loss import evaluate_loss
-from afinar.train.losses import SupervisedLoss
-from afinar.train.preference import (TIE_TOLERANCE, AnswerLogProbs, dpo_losses,
+from afinar.losses.held_out import evaluate_loss
+from afinar.losses.supervised import SupervisedLoss
+from afinar.losses.preference import (TIE_TOLERANCE, AnswerLogProbs, dpo_losses,
                                      orpo_log_odds)
 
 

@@ -139,7 +139,7 @@ def _trains_with_system(encoder: ChatEncoder) -> bool:
 def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Example],
                  task_items: list[Tokenized], device, notify: Callable[[str], None] = print,
                  on_progress: Callable[[int, int], None] | None = None) -> ReplaySet:
-    from afinar.evaluation.answer_cache import AnswerCache
+    from afinar.infer.answer_cache import AnswerCache
     from afinar.infer.generate import GenerationSettings
 
     started = time.perf_counter()

@@ -20,12 +20,6 @@ import torch
 from afinar import rundir
 
 
-class SaveThenStop(KeyboardInterrupt):
-    """Raised by a training callback on a step event to stop after checkpointing that step
-    (a server pausing a job), so resuming loses nothing. A KeyboardInterrupt, so the run is
-    recorded as interrupted and resumable, not failed."""
-
-
 @dataclass
 class TrainState:
     global_step: int = 0

@@ -1,6 +1,6 @@
 """`report_to: [tensorboard, mlflow, wandb]`: runs reported to the tracking tools users watch.
 
-The training loop holds one `Trackers` and calls it at five places:
+The pipeline (afinar/pipeline.py) opens one `Trackers` and the recipe reports to it, at five places:
 
     trackers = Trackers.for_run(config)          # a missing library fails here, before training
     trackers.start(run, config.model_dump(mode="json"), say)   # run dir and config.yaml exist
@@ -218,12 +218,10 @@ class Trackers:
 
     @classmethod
     def for_run(cls, config) -> "Trackers":
-        """Main process only; a `tune` trial (RUN/tune/trial-N) is a measurement, not a run."""
-        from afinar.train.tune import is_trial_run
-
+        """Main process only. The pipeline opens them; a `tune` trial runs the recipe alone,
+        untracked: a measurement, not a run."""
         main = os.environ.get("RANK", "0") == "0"
-        trial = bool(config.output) and is_trial_run(Path(config.output))
-        return cls(config.report_to, enabled=main and not trial)
+        return cls(config.report_to, enabled=main)
 
     def start(self, run_dir: Path, config: dict, say: Say | None = None,
               first_step: int = 0) -> None:

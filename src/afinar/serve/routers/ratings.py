@@ -11,14 +11,14 @@ from typing import Literal, Optional
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from afinar.serve import jobs as job_ops
 from afinar.serve import ratings as rating_ops
 from afinar.serve.errors import ApiError
 from afinar.serve.ids import new_id
 from afinar.serve.routers.deps import get_settings, get_store
-from afinar.serve.schemas import file_object, page
+from afinar.serve.schemas import ExactModel, file_object, page  # a misspelt field is a 400
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
 
@@ -26,17 +26,12 @@ router = APIRouter(prefix="/v1/ratings", tags=["ratings"])
 _SOURCE = r"^(typed|held-out:ftjob-[A-Za-z0-9]+)$"
 
 
-class _Strict(BaseModel):
-    # A misspelt field must be a 400, never silently dropped from a stored vote.
-    model_config = ConfigDict(extra="forbid")
-
-
-class PromptMessage(_Strict):
+class PromptMessage(ExactModel):
     role: str
     content: str
 
 
-class RatingCreate(_Strict):
+class RatingCreate(ExactModel):
     messages: list[PromptMessage] = Field(min_length=1)
     model_a: str = Field(min_length=1, max_length=500)
     model_b: str = Field(min_length=1, max_length=500)
@@ -48,7 +43,7 @@ class RatingCreate(_Strict):
     source: str = Field("typed", pattern=_SOURCE)
 
 
-class ExportCreate(_Strict):
+class ExportCreate(ExactModel):
     format: Literal["openai", "preference"] = "openai"
 
 

@@ -15,7 +15,7 @@ from afinar.errors import AfinarError
 from afinar.serve import exports
 from afinar.serve.errors import ApiError
 from afinar.serve.routers.deps import get_settings, get_store
-from afinar.serve.schemas import _Exact, page
+from afinar.serve.schemas import ExactModel, page
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
 from afinar.versions import (REPORT_FILE, Version, compare_rows, config_diff_rows, loss_curves,
@@ -24,11 +24,11 @@ from afinar.versions import (REPORT_FILE, Version, compare_rows, config_diff_row
 router = APIRouter(prefix="/v1/registry", tags=["registry"])
 
 
-class TagRequest(_Exact):
+class TagRequest(ExactModel):
     tag: str
 
 
-class ExportRequest(_Exact):
+class ExportRequest(ExactModel):
     format: str = "gguf"
     quant: str | None = None
 

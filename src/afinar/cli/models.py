@@ -1,7 +1,7 @@
 """`afinar models ...`: list, show, compare, tag and remove registered model versions.
 
-cli.py mounts this with `app.add_typer(models_app, name="models")`; the commands only format
-what afinar.versions returns.
+afinar/cli/__init__.py mounts this with `app.add_typer(models_app, name="models")`; the
+commands only format what afinar.versions returns.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`afinar data ...`: get a data set into shape: convert, dedupe, split (and synth).
 
-cli.py mounts this with `app.add_typer(data_app, name="data")`. Every command writes its output
-through a temp file and a rename, and only after the output passed `afinar validate`'s checks:
-a failed command leaves no file that looks finished.
+afinar/cli/__init__.py mounts this with `app.add_typer(data_app, name="data")`. Every command
+writes its output through a temp file and a rename, and only after the output passed `afinar
+validate`'s checks: a failed command leaves no file that looks finished.
 """
 
 from __future__ import annotations

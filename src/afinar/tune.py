@@ -1,6 +1,6 @@
 """`tune: true`: learning rate and epochs chosen by a few short runs, then the full run uses them.
 
-    config, summary = tune_config(config, Path("runs/soporte"))   # train() does this first
+    config, summary = tune_config(config, Path("runs/soporte"))   # fine_tune() does this first
 
 What OpenAI's `auto` hyperparameters do, but measured. An Optuna study (TPE, seeded; its first
 trial is the `auto` values) trains `tune_trials` times and scores each trial on an inner held-out
@@ -62,13 +62,6 @@ OBJECTIVES = {
 _SHORT = {"check_pass_rate": "check pass rate (then held-out loss)", "eval_loss": "held-out loss"}
 _WEIGHTS = (rundir.ADAPTER_DIR, rundir.FULL_MODEL_DIR, rundir.CHECKPOINTS_DIR,
             rundir.TOKENIZER_DIR)
-
-
-def is_trial_run(run: Path) -> bool:
-    """A search trial's run directory (RUN/tune/trial-N): a measurement, not a model version."""
-    run = Path(run)
-    return (run.parent.name == TUNE_DIR and run.name.startswith("trial-")
-            and (run.parent / STUDY_FILE).is_file())
 
 
 def tune_config(config: TrainConfig, run: Path, on_event: Event | None = None
@@ -344,7 +337,7 @@ def _trial_events(emit: Event, number: int, trials: int) -> Event:
 
 def _run_trial(config: TrainConfig, number: int, objective: str, checked: list[Example],
                checks, on_event: Event) -> dict:
-    from afinar.train.loop import train
+    from afinar.train.recipe import train
 
     started = time.perf_counter()
     result = train(config, on_event=on_event)
@@ -372,11 +365,11 @@ def _run_trial(config: TrainConfig, number: int, objective: str, checked: list[E
 def _check_pass_rate(run: Path, examples: list[Example], checks, device: str) -> float:
     """Greedy answers of the trial's best weights, as the end-of-run evaluation makes them."""
     from afinar.evaluation.checks import run_check
-    from afinar.evaluation.evaluator import _answer_budget
+    from afinar.evaluation.evaluator import answer_budget
     from afinar.infer.generate import GenerationSettings, load
 
     loaded = load(str(run), device=device, notify=lambda message: None)
-    settings = GenerationSettings(max_new_tokens=_answer_budget(loaded.tokenizer, examples))
+    settings = GenerationSettings(max_new_tokens=answer_budget(loaded.tokenizer, examples))
     answers = loaded.generate([list(ex.prompt_messages()) for ex in examples], settings, 16)
     del loaded
     _free_memory()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from afinar.data.tokenize import IGNORE
-from afinar.train.losses import SupervisedLoss, token_log_probs
+from afinar.losses.supervised import SupervisedLoss, token_log_probs
 
 # Two rewards closer than this (in nats of log-ratio) are a tie, not a win: at step 0 the policy
 # is the reference, and the reference's log-probs were computed in other batches, whose padding

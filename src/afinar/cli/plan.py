@@ -9,12 +9,13 @@ from typing import List, Optional
 
 import typer
 
+from afinar.cli.common import config_help, quiet_libraries
 from afinar.console import console, out, user_errors
 
 
 @user_errors
 def plan(
-    data: Optional[str] = typer.Option(None, help="Training data (.jsonl)."),
+    data: Optional[str] = typer.Option(None, help=config_help("data")),
     model: Optional[str] = typer.Option(None, help="Base model: a name, folder, .gguf, hub id "
                                         "(its config.json cached) or run directory."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
@@ -31,11 +32,10 @@ def plan(
 ):
     """Estimate a run's peak memory, the settings that fit, its time and its cost (no weights
     are loaded)."""
-    from afinar.cli import _quiet_libraries
     from afinar.config import load_train_config, method_option
     from afinar.plan.run import plan_command
 
-    _quiet_libraries()
+    quiet_libraries()
     cfg = load_train_config(config, set_, data=data, model=model, **method_option(method),
                             quantization=quantization, max_memory=max_memory)
     result = plan_command(cfg, device, notify=lambda m: console.print(f"[dim]{m}[/]"))

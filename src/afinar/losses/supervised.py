@@ -21,7 +21,7 @@ from afinar.data.tokenize import IGNORE
 CHUNK_ROWS = 256
 
 
-class _FusedHeadCrossEntropy(torch.autograd.Function):
+class FusedHeadCrossEntropy(torch.autograd.Function):
     """(weighted loss of each row, number predicted correctly) of `rows` against `targets`;
     the gradients are computed in the forward pass, chunk by chunk, and only scaled in the
     backward pass (each row's loss is linear in its incoming gradient).
@@ -129,7 +129,7 @@ def supervised_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Lin
     token_weights = None
     if weights is not None:
         token_weights = weights[:, 1:].to(torch.float32)[keep]
-    row_losses, correct = _FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
+    row_losses, correct = FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
                                                        token_weights, softcap)
     total = row_losses.sum()
     count = keep.sum() if token_weights is None else token_weights.sum()
@@ -161,7 +161,7 @@ def token_log_probs(rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Li
     (DPO, ORPO). A frozen head takes the fused path (no logits kept); a trained one (full
     fine-tuning) plain autograd, whose weight gradient must follow each row's weight."""
     if not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
-        row_losses, _ = _FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
+        row_losses, _ = FusedHeadCrossEntropy.apply(rows, head.weight, head.bias, targets,
                                                      None, softcap)
         return -row_losses
     logits = F.linear(rows, head.weight, head.bias).float()
