@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
-FOUNDATION = {"config", "console", "rundir", "paths", "errors"}
+FOUNDATION = {"config", "console", "rundir", "events", "paths", "errors"}
 START, END = "<!-- diagram: scripts/architecture_diagram.py -->", "<!-- end of diagram -->"
 
 

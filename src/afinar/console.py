@@ -1,6 +1,6 @@
 """Terminal output for the CLI: the live training progress bar and the error printer.
 
-Only the CLI imports this; the library reports through plain event dicts.
+Only the CLI imports this; the library reports through events (afinar.events).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from afinar import events as ev
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -35,41 +37,41 @@ class TrainProgress:
         self.total = 0
         self._last_printed = -1
 
-    def __call__(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "log":
-            style = {"warning": "yellow", "error": "red"}.get(event["level"], "dim")
-            prefix = "warning: " if event["level"] == "warning" else ""
-            console.print(f"[{style}]{prefix}{event['message']}[/]")
-        elif kind == "start":
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Log):
+            style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
+            prefix = "warning: " if event.level == "warning" else ""
+            console.print(f"[{style}]{prefix}{event.message}[/]")
+        elif isinstance(event, ev.Start):
             self._start(event)
-        elif kind == "step":
+        elif isinstance(event, ev.Step):
             self._step(event)
-        elif kind == "eval":
-            self.eval_loss = event["eval_loss"]
+        elif isinstance(event, ev.Eval):
+            metrics = event.metrics
+            self.eval_loss = metrics["eval_loss"]
             if not self.live:
-                if "eval_preference_accuracy" in event:
-                    detail = (f"preference accuracy {event['eval_preference_accuracy']:.1%}, "
-                              f"reward margin {event['eval_reward_margin']:.3f}")
+                if "eval_preference_accuracy" in metrics:
+                    detail = (f"preference accuracy {metrics['eval_preference_accuracy']:.1%}, "
+                              f"reward margin {metrics['eval_reward_margin']:.3f}")
                 else:
-                    detail = f"token accuracy {event['eval_token_accuracy']:.1%}"
-                console.print(f"  eval step {event['step']}: held-out loss "
-                              f"{event['eval_loss']:.4f}, {detail}")
-        elif kind == "end":
+                    detail = f"token accuracy {metrics['eval_token_accuracy']:.1%}"
+                console.print(f"  eval step {event.step}: held-out loss "
+                              f"{metrics['eval_loss']:.4f}, {detail}")
+        elif isinstance(event, ev.End):
             if self.progress:
                 self.progress.stop()
-        elif kind.startswith("eval_"):
+        elif isinstance(event, (ev.EvalPhase, ev.EvalProgress, ev.EvalDone)):
             self.evaluation(event)
 
-    def _start(self, event: dict) -> None:
-        self.total = event["total_steps"]
+    def _start(self, event: ev.Start) -> None:
+        self.total = event.total_steps
         console.print(
-            f"Training {event['trainable_params']:,} of {event['total_params']:,} parameters on "
-            f"{event['train_examples']} examples ({event['held_out_examples']} held out): "
-            f"{event['total_steps']} steps, {event['epochs']} epochs, lr {event['learning_rate']:g}, "
-            f"{event['precision']} on {event['device']}"
-            + (f" x{event['processes']}" if event["processes"] > 1 else ""))
-        console.print(f"Run directory: {event['run_dir']}")
+            f"Training {event.trainable_params:,} of {event.total_params:,} parameters on "
+            f"{event.train_examples} examples ({event.held_out_examples} held out): "
+            f"{event.total_steps} steps, {event.epochs} epochs, lr {event.learning_rate:g}, "
+            f"{event.precision} on {event.device}"
+            + (f" x{event.processes}" if event.processes > 1 else ""))
+        console.print(f"Run directory: {event.run_dir}")
         if self.live:
             self.progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -77,20 +79,20 @@ class TrainProgress:
                 TextColumn("ETA {task.fields[eta]}"), console=console, transient=False)
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.total,
-                                               completed=event["start_step"], info="", eta="?")
+                                               completed=event.start_step, info="", eta="?")
 
-    def _step(self, event: dict) -> None:
+    def _step(self, event: ev.Step) -> None:
         held = f" held-out {self.eval_loss:.3f}" if self.eval_loss is not None else ""
-        info = (f"epoch {event['epoch']:.2f} loss {event['train_loss']:.3f}{held} "
-                f"{event['tokens_per_s']:.0f} tok/s")
+        info = (f"epoch {event.epoch:.2f} loss {event.metrics['train_loss']:.3f}{held} "
+                f"{event.metrics['tokens_per_s']:.0f} tok/s")
         if self.progress:
-            self.progress.update(self.task, completed=event["step"], info=info,
-                                 eta=_fmt_eta(event["eta_s"]))
+            self.progress.update(self.task, completed=event.step, info=info,
+                                 eta=_fmt_eta(event.eta_s))
         else:
             every = max(1, self.total // 10)
-            if event["step"] % every == 0 or event["step"] == self.total:
-                console.print(f"  step {event['step']}/{self.total} {info} "
-                              f"ETA {_fmt_eta(event['eta_s'])}")
+            if event.step % every == 0 or event.step == self.total:
+                console.print(f"  step {event.step}/{self.total} {info} "
+                              f"ETA {_fmt_eta(event.eta_s)}")
 
 
 class EvalProgress:
@@ -101,20 +103,17 @@ class EvalProgress:
         self.progress = None
         self.tasks: dict[str, int] = {}
 
-    def __call__(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "eval_phase":
-            console.print(f"[dim]{escape(event['message'])}[/]")
-        elif kind == "eval_progress":
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, (ev.EvalPhase, ev.Log)):
+            console.print(f"[dim]{escape(event.message)}[/]")
+        elif isinstance(event, ev.EvalProgress):
             self._progress(event)
-        elif kind == "eval_done" and self.progress:
+        elif isinstance(event, ev.EvalDone) and self.progress:
             self.progress.stop()
             self.progress = None
-        elif kind == "log":
-            console.print(f"[dim]{escape(event['message'])}[/]")
 
-    def _progress(self, event: dict) -> None:
-        name, done, total = event["task"], event["done"], event["total"]
+    def _progress(self, event: ev.EvalProgress) -> None:
+        name, done, total = event.task, event.done, event.total
         if not self.live:
             if done in (0, total):
                 console.print(f"  {name}: {done}/{total}")

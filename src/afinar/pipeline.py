@@ -28,15 +28,15 @@ from typing import Callable
 from afinar import rundir
 from afinar.config import TrainConfig
 from afinar.errors import AfinarError
+from afinar.events import Event, Listener, Log, RunDir, Step
 from afinar.train.control import Control, Stopped
 from afinar.train.recipe import TrainResult, is_main_rank, settle_config
 from afinar.train.recipe import train as train_recipe
 from afinar.train.tracking import Trackers
 
-Event = Callable[[dict], None]
 
 
-def fine_tune(config: TrainConfig, on_event: Event | None = None, resume: bool = False,
+def fine_tune(config: TrainConfig, on_event: Listener | None = None, resume: bool = False,
               control: Control | None = None) -> TrainResult:
     """Searches (when asked), trains, records the version, evaluates and writes the card.
 
@@ -51,11 +51,11 @@ def fine_tune(config: TrainConfig, on_event: Event | None = None, resume: bool =
     config = settle_config(config, resume)
     run = Path(config.output)
 
-    def events(event: dict) -> None:
-        if event["type"] == "run_dir":  # run.json exists: the registry shows the run training
+    def events(event: Event) -> None:
+        if isinstance(event, RunDir):  # run.json exists: the registry shows the run training
             refresh_records(run, emit, card=False)
         emit(event)
-        if event["type"] != "step" and control.requested() == "cancel":  # steps: the loop asks
+        if not isinstance(event, Step) and control.requested() == "cancel":  # steps: the loop
             raise Stopped("cancel")
     if config.tune and not resume:
         from afinar.tune import tune_config
@@ -81,15 +81,14 @@ def fine_tune(config: TrainConfig, on_event: Event | None = None, resume: bool =
             trackers.finish("failed")
             raise
     elif result.is_main_process and config.evaluate:
-        emit({"type": "log", "level": "warning", "message": "no held-out example is left "
-              "(held_out_fraction 0, or every one longer than max_seq_length with overflow "
-              "drop): the end-of-run evaluation was skipped; run `afinar eval RUN --data "
-              "FILE` with a held-out file"})
+        emit(Log("warning", "no held-out example is left (held_out_fraction 0, or every one "
+                 "longer than max_seq_length with overflow drop): the end-of-run evaluation was "
+                 "skipped; run `afinar eval RUN --data FILE` with a held-out file"))
     trackers.finish("succeeded")
     return result
 
 
-def evaluate_run(model: str, on_event: Event | None = None,
+def evaluate_run(model: str, on_event: Listener | None = None,
                  notify: Callable[[str], None] = print, **options):
     """afinar.evaluation.evaluate, then the registry (the report of a run's own held-out split
     is the one its version shows) and the model card (when the report went to the run)."""
@@ -97,13 +96,13 @@ def evaluate_run(model: str, on_event: Event | None = None,
 
     report = evaluate(model, on_event=on_event, notify=notify, **options)
     if report.run_dir is not None:
-        refresh_records(report.run_dir, lambda event: notify(event["message"]),
+        refresh_records(report.run_dir, lambda event: notify(event.message),
                         registry=report.is_default_eval,
                         card=report.output.resolve() == report.run_dir.resolve())
     return report
 
 
-def refresh_records(run: Path, emit: Event, registry: bool = True, card: bool = True) -> None:
+def refresh_records(run: Path, emit: Listener, registry: bool = True, card: bool = True) -> None:
     """The registry's entry for the run and RUN/README.md, from what the run directory holds
     now; a problem with either is a warning, never the run's failure."""
     if registry:
@@ -113,21 +112,19 @@ def refresh_records(run: Path, emit: Event, registry: bool = True, card: bool = 
             with open_registry() as versions:
                 versions.record_run(run)
         except (AfinarError, OSError, sqlite3.Error) as exc:
-            emit({"type": "log", "level": "warning",
-                  "message": f"could not record the run in the registry: {exc}"})
+            emit(Log("warning", f"could not record the run in the registry: {exc}"))
     if card:
         from afinar.model_card import try_write_card
 
-        try_write_card(run, run, warn=lambda message: emit(
-            {"type": "log", "level": "warning", "message": message}))
+        try_write_card(run, run, warn=lambda message: emit(Log("warning", message)))
 
 
-def _evaluate_finished_run(run: Path, emit: Event):
+def _evaluate_finished_run(run: Path, emit: Listener):
     """The end-of-run evaluation; its failure is a warning: the run itself is complete."""
     try:
-        return evaluate_run(str(run), on_event=emit, notify=lambda message: emit(
-            {"type": "log", "level": "info", "message": message}))
+        return evaluate_run(str(run), on_event=emit,
+                            notify=lambda message: emit(Log("info", message)))
     except AfinarError as exc:
-        emit({"type": "log", "level": "warning", "message": f"end-of-run evaluation failed: "
-              f"{exc.message}; the run itself is complete (retry with `afinar eval {run}`)"})
+        emit(Log("warning", f"end-of-run evaluation failed: {exc.message}; the run itself is "
+                 f"complete (retry with `afinar eval {run}`)"))
         return None

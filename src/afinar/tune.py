@@ -16,9 +16,9 @@ in every trial and not searched.
     RUN/tune/trial-N/      each trial's config.yaml, run.json, metrics.jsonl (weights removed)
     RUN/tune/trials.json   every trial's settings and scores, the winner; report.html shows it
 
-Progress goes to `on_event` as "log" events (one line per trial) and, for a trial's own training
-events, {"type": "tune_trial", "trial": n, "trials": N, "event": {...}}, a type consumers of a
-run's events (the CLI's progress bar, the server's job events) leave alone.
+Progress goes to `on_event` as Log events (one line per trial) and, for a trial's own training
+events, TuneTrial(trial, trials, event) (afinar.events), which consumers of a run's events (the
+CLI's progress bar, the server's job events) leave alone.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from afinar.data.jsonl import read_jsonl
 from afinar.data.prepare import check_usable, split_for
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError
+from afinar.events import Log, TuneTrial
 from afinar.paths import sha256_file
 
 Event = Callable[[dict], None]
@@ -72,7 +73,7 @@ def tune_config(config: TrainConfig, run: Path, on_event: Event | None = None
     emit = on_event or (lambda event: None)
 
     def say(message: str, level: str = "info") -> None:
-        emit({"type": "log", "level": level, "message": message})
+        emit(Log(level, message))
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
         # Every process would run its own study on the same files.
@@ -331,8 +332,7 @@ def _trial_events(emit: Event, number: int, trials: int) -> Event:
     """A trial's training events, wrapped so that nothing takes them for the run's own: not a
     progress bar, not the server's job (whose checkpoints they are not). Its log lines too: they
     name the inner data file, and a failed trial's "resume it with" would mislead."""
-    return lambda event: emit({"type": "tune_trial", "trial": number, "trials": trials,
-                               "event": event})
+    return lambda event: emit(TuneTrial(number, trials, event))
 
 
 def _run_trial(config: TrainConfig, number: int, objective: str, checked: list[Example],

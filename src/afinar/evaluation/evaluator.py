@@ -24,6 +24,7 @@ from afinar.data.prepare import split_for
 from afinar.data.tokenize import fit_length
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError, DataError
+from afinar.events import EvalDone, EvalPhase, EvalProgress, Listener
 from afinar.evaluation import diagnosis, regressions
 from afinar.infer.answer_cache import AnswerCache
 from afinar.evaluation.checks import CheckSet, load_checks, run_check
@@ -36,7 +37,7 @@ from afinar.evaluation.preference import (pair_log_probs, preference_metrics,
                                           preference_section)
 from afinar.paths import sha256_file
 
-Event = Callable[[dict], None]
+Event = Listener
 PROBE_MAX_NEW_TOKENS = 64  # enough to see what changed; the base model can ramble for longer
 CHANGE_THRESHOLD = 0.05  # per-example score differences below this are "same"
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
@@ -107,7 +108,7 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
         if spec is None:
             continue
         t0 = time.perf_counter()
-        emit({"type": "eval_phase", "message": f"{role}: loading {spec}"})
+        emit(EvalPhase(f"{role}: loading {spec}"))
         loaded = _load(spec, notify)
         if settings is None:  # both models answer with the same settings
             settings = GenerationSettings(
@@ -132,7 +133,7 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
     rundir.write_json_atomic(target.output / "report.json", report)
     rundir.write_text_atomic(target.output / "report.md", markdown)
     rundir.write_text_atomic(target.output / "report.html", render_html(report))
-    emit({"type": "eval_done", "output": str(target.output), "summary": report["summary"]})
+    emit(EvalDone(str(target.output), report["summary"]))
     return EvalReport(report, target.output, markdown, target.run_dir, target.is_default_eval)
 
 
@@ -234,12 +235,12 @@ def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, s
     items = [t for t in items if t is not None]
     loss = {}
     if items:
-        emit({"type": "eval_phase", "message": f"{role}: held-out loss on {len(items)} examples"})
+        emit(EvalPhase(f"{role}: held-out loss on {len(items)} examples"))
         loss = evaluate_loss(SupervisedLoss(loaded.model), items, batch_size,
                              loaded.tokenizer.pad_token_id, device=loaded.device)
     pairs = None
     if any(ex.is_preference for ex in examples):
-        emit({"type": "eval_phase", "message": f"{role}: log-probs of the held-out pairs"})
+        emit(EvalPhase(f"{role}: log-probs of the held-out pairs"))
         pairs = pair_log_probs(loaded, examples, max_len, batch_size)
     counts: dict[str, int] = {}
     answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers",
@@ -276,7 +277,7 @@ def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: boo
     counts["generated"] = counts.get("generated", 0) + len(todo)
 
     def report(finished: int) -> None:
-        emit({"type": "eval_progress", "task": label, "done": finished, "total": len(prompts)})
+        emit(EvalProgress(label, finished, len(prompts)))
 
     report(done)
     progress = running_count(report, start=done)

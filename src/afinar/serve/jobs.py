@@ -309,8 +309,9 @@ def results_csv(run_dir: Path) -> str:
 _PREFERENCE_COLUMNS = ("preference_accuracy", "reward_margin")
 
 
-def resolved_hyperparameters(start_event: dict, config: TrainConfig) -> dict:
-    resolved = {"n_epochs": start_event["epochs"], "batch_size": config.batch_size,
+def resolved_hyperparameters(epochs: int, config: TrainConfig) -> dict:
+    """OpenAI's hyperparameters object for a job, with `epochs` as the run resolved them."""
+    resolved = {"n_epochs": epochs, "batch_size": config.batch_size,
                 "learning_rate_multiplier": config.learning_rate_multiplier}
     if config.objective == "dpo":
         resolved["beta"] = config.dpo.beta

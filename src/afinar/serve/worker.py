@@ -17,6 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
+from afinar import events as ev
 from afinar import rundir
 from afinar.errors import AfinarError
 from afinar.serve import jobs as job_ops
@@ -87,51 +88,52 @@ class _JobEvents:
         self.store, self.job, self.config = store, job, config
         self.last_eval: dict = {}
 
-    def __call__(self, event: dict) -> None:
-        kind, job_id = event["type"], self.job["id"]
-        if kind == "start":
+    def __call__(self, event: ev.Event) -> None:
+        job_id = self.job["id"]
+        if isinstance(event, ev.Start):
             self.store.update_job(job_id, hyperparameters=job_ops.resolved_hyperparameters(
-                event, self.config))
-            self.store.add_event(job_id, f"Fine-tuning job started: {event['total_steps']} "
-                                 f"steps, {event['train_examples']} training examples, "
-                                 f"{event['held_out_examples']} held out")
-        elif kind == "step":
-            data = {"step": event["step"], "train_loss": event["train_loss"],
-                    "total_steps": event["total_steps"]}
-            if "train_token_accuracy" in event:
-                data["train_mean_token_accuracy"] = event["train_token_accuracy"]
-            data.update(_preference_metrics(event, "train", "train"))
-            self.store.add_event(job_id, f"Step {event['step']}/{event['total_steps']}: "
-                                 f"training loss={event['train_loss']:.4f}", type="metrics",
+                event.epochs, self.config))
+            self.store.add_event(job_id, f"Fine-tuning job started: {event.total_steps} "
+                                 f"steps, {event.train_examples} training examples, "
+                                 f"{event.held_out_examples} held out")
+        elif isinstance(event, ev.Step):
+            metrics = event.metrics
+            data = {"step": event.step, "train_loss": metrics["train_loss"],
+                    "total_steps": event.total_steps}
+            if "train_token_accuracy" in metrics:
+                data["train_mean_token_accuracy"] = metrics["train_token_accuracy"]
+            data.update(_preference_metrics(metrics, "train", "train"))
+            self.store.add_event(job_id, f"Step {event.step}/{event.total_steps}: "
+                                 f"training loss={metrics['train_loss']:.4f}", type="metrics",
                                  data=data)
-            self.store.update_job(job_id, estimated_finish=now() + int(event["eta_s"]))
-        elif kind == "eval":
-            self.last_eval = {"valid_loss": event["eval_loss"]}
-            if "eval_token_accuracy" in event:
-                self.last_eval["valid_mean_token_accuracy"] = event["eval_token_accuracy"]
-            self.last_eval.update(_preference_metrics(event, "eval", "valid"))
-            self.store.add_event(job_id, f"Step {event['step']}: validation loss="
-                                 f"{event['eval_loss']:.4f}", type="metrics",
-                                 data={"step": event["step"], **self.last_eval,
+            self.store.update_job(job_id, estimated_finish=now() + int(event.eta_s))
+        elif isinstance(event, ev.Eval):
+            metrics = event.metrics
+            self.last_eval = {"valid_loss": metrics["eval_loss"]}
+            if "eval_token_accuracy" in metrics:
+                self.last_eval["valid_mean_token_accuracy"] = metrics["eval_token_accuracy"]
+            self.last_eval.update(_preference_metrics(metrics, "eval", "valid"))
+            self.store.add_event(job_id, f"Step {event.step}: validation loss="
+                                 f"{metrics['eval_loss']:.4f}", type="metrics",
+                                 data={"step": event.step, **self.last_eval,
                                        **{"full_" + k: v for k, v in self.last_eval.items()}})
-        elif kind == "checkpoint":
-            name = f"{self.job['model_name']}:ckpt-step-{event['step']}"
-            metrics = {"step": event["step"], "train_loss": event["train_loss"],
-                       **self.last_eval}
-            self.store.add_checkpoint(job_id, event["step"], metrics, name, event["path"])
-        elif kind == "log":
-            level = {"warning": "warn", "error": "error"}.get(event["level"], "info")
-            self.store.add_event(job_id, event["message"], level=level)
-        elif kind == "eval_phase":
-            self.store.add_event(job_id, "Evaluation: " + event["message"])
+        elif isinstance(event, ev.Checkpoint):
+            name = f"{self.job['model_name']}:ckpt-step-{event.step}"
+            metrics = {"step": event.step, "train_loss": event.train_loss, **self.last_eval}
+            self.store.add_checkpoint(job_id, event.step, metrics, name, event.path)
+        elif isinstance(event, ev.Log):
+            level = {"warning": "warn", "error": "error"}.get(event.level, "info")
+            self.store.add_event(job_id, event.message, level=level)
+        elif isinstance(event, ev.EvalPhase):
+            self.store.add_event(job_id, "Evaluation: " + event.message)
 
 
-
-def _preference_metrics(event: dict, source: str, prefix: str) -> dict:
+def _preference_metrics(metrics: dict, source: str, prefix: str) -> dict:
     """A preference run's reward metrics, named as the event data's other fields."""
     names = ("preference_accuracy", "reward_margin", "chosen_logp_change",
              "rejected_logp_change")
-    return {f"{prefix}_{n}": event[f"{source}_{n}"] for n in names if f"{source}_{n}" in event}
+    return {f"{prefix}_{n}": metrics[f"{source}_{n}"] for n in names
+            if f"{source}_{n}" in metrics}
 
 
 def run_job(store: Store, settings: ServeSettings, job: dict) -> None:

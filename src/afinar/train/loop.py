@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from afinar.data.batching import plan_batches
+from afinar.events import Checkpoint, Eval, Start, Step
 from afinar.train import sharding
 from afinar.train import state as ckpt
 from afinar.train.control import Stopped
@@ -30,13 +31,12 @@ def run_steps(s: Session) -> None:
     """Every step from the session's state (0, or a resumed checkpoint's) to the end."""
     schedule, state, config = s.schedule, s.state, s.config
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    s.emit({"type": "start", "run_dir": str(s.run), "total_steps": schedule.total_steps,
-            "epochs": s.epochs, "steps_per_epoch": schedule.steps_per_epoch,
-            "train_examples": len(s.data.train), "held_out_examples": len(s.data.held),
-            "trainable_params": s.counts[0], "total_params": s.counts[1],
-            "learning_rate": s.lr, "precision": s.precision,
-            "device": str(s.accelerator.device), "processes": world,
-            "start_step": state.global_step, "data_report": s.data.report})
+    s.emit(Start(run_dir=str(s.run), total_steps=schedule.total_steps, epochs=s.epochs,
+                 steps_per_epoch=schedule.steps_per_epoch, train_examples=len(s.data.train),
+                 held_out_examples=len(s.data.held), trainable_params=s.counts[0],
+                 total_params=s.counts[1], learning_rate=s.lr, precision=s.precision,
+                 device=str(s.accelerator.device), processes=world,
+                 start_step=state.global_step, data_report=s.data.report))
     if state.global_step == 0 and s.data.held:
         evaluate_held_out(s)  # the base model's held-out loss: the number training must beat
     clock = _Clock(time.perf_counter(), state.global_step)
@@ -123,8 +123,10 @@ def _after_step(s: Session, record: dict, clock: _Clock) -> bool:
     state, schedule, config = s.state, s.schedule, s.config
     s.metrics.write(record)
     done_steps = state.global_step - clock.start_step
-    s.emit({**record, "type": "step", "total_steps": schedule.total_steps,
-            "eta_s": clock.elapsed / done_steps * (schedule.total_steps - state.global_step)})
+    s.emit(Step(record["step"], record["epoch"],
+                {k: v for k, v in record.items() if k not in ("type", "step", "epoch")},
+                schedule.total_steps,
+                clock.elapsed / done_steps * (schedule.total_steps - state.global_step)))
     request = s.control.requested()
     # Only rank 0 holds the control (the others' never asks); a checkpoint is collective, so a
     # multi-process run stops without one.
@@ -159,8 +161,7 @@ def _checkpoint(s: Session, clock: _Clock) -> None:
     state.elapsed_s += time.perf_counter() - clock.started
     saved = ckpt.save_checkpoint(s.run, state, saved_weights, saved_optimizer, s.scheduler,
                                  keep=s.config.keep_checkpoints, rng_ranks=saved_rng)
-    s.emit({"type": "checkpoint", "step": state.global_step, "path": str(saved),
-            "train_loss": s.last_train_loss})
+    s.emit(Checkpoint(state.global_step, str(saved), s.last_train_loss))
     state.elapsed_s = state_elapsed
 
 
@@ -183,8 +184,8 @@ def evaluate_held_out(s: Session) -> dict:
         state.evals_without_improvement += 1
     state.history.append((state.global_step, s.last_train_loss, result["eval_loss"]))
     warn_overfitting(state.history, s.say)
-    s.emit({"type": "eval", **result, "best_eval_loss": state.best_eval_loss,
-            "best_step": state.best_step})
+    s.emit(Eval(state.global_step, {k: v for k, v in result.items() if k != "step"},
+                state.best_eval_loss, state.best_step))
     return result
 
 

@@ -37,6 +37,7 @@ from afinar.config import TrainConfig, auto_epochs, dump_config
 from afinar.data.prepare import prepare_data
 from afinar.data.tokenize import ChatEncoder
 from afinar.errors import AfinarError
+from afinar.events import End, EvalProgress, RunDir
 from afinar.models import adapters
 from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
                                 frozen_linear_dtype, load_tokenizer, load_training_model,
@@ -148,8 +149,7 @@ def prepare(s: Session) -> None:
     if config.preserve_on():
         s.replay = build_replay(config, s.resolved, encoder, s.data.train_examples, s.data.train,
                                 s.device, notify=s.say, on_progress=lambda done, total: s.emit(
-                                    {"type": "eval_progress", "task": "preserve: base answers",
-                                     "done": done, "total": total}))
+                                    EvalProgress("preserve: base answers", done, total)))
         s.data.report["preserve"] = s.replay.info
         s.say(describe_replay(s.replay.info))
 
@@ -290,7 +290,7 @@ def finish(s: Session) -> TrainResult:
             save_folder_atomic(s.accelerator.unwrap_model(s.loss_model).model, dest, weights)
         write_run_info(run, config, "succeeded", summary=summary, weights=dest.name,
                        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    s.emit({"type": "end", "run_dir": str(run), **summary})
+    s.emit(End(str(run), summary))
     return TrainResult(run, summary, s.main)
 
 
@@ -328,7 +328,7 @@ def _write_run_dir(s: Session) -> None:
                    device=str(s.accelerator.device), data_sha256=sha256_file(data_file),
                    data_size=data_file.stat().st_size)
     s.started = True
-    s.emit({"type": "run_dir", "run_dir": str(run)})
+    s.emit(RunDir(str(run)))
 
 
 def _default_output(config: TrainConfig) -> Path:

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from afinar import rundir
+from afinar.events import EvalProgress
 from afinar.train.objectives import reference_log_probs
 
 REFERENCE_FILE = "reference_logps.json"
@@ -51,8 +52,7 @@ def attach_reference(run: Path, data, accelerator, loss_model, model, config, pa
             module, everything, 2 * config.batch_size, pad_id, accelerator.device,
             autocast=accelerator.autocast, adapter_off=model.disable_adapter if lora
             else nullcontext, on_progress=lambda done, total: emit(
-                {"type": "eval_progress", "task": "reference log-probs", "done": done,
-                 "total": total}))
+                EvalProgress("reference log-probs", done, total)))
         stored = {"signature": [_signature(data.train), _signature(data.held)],
                   "train": values[:len(data.train)], "held": values[len(data.train):],
                   "model": "the starting model" + (" with the adapter off" if lora else ""),

@@ -6,16 +6,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from afinar.config import TrainConfig
 from afinar.errors import AfinarError
+from afinar.events import Listener, Log
 from afinar.train import state as ckpt
 from afinar.train.control import Control
 from afinar.train.metrics import Metrics
 from afinar.train.tracking import Trackers
 
-Event = Callable[[dict], None]
+Event = Listener  # what `emit` is given: afinar.events
 
 
 @dataclass
@@ -98,4 +99,4 @@ class Session:
     last_train_loss: float | None = None
 
     def say(self, message: str, level: str = "info") -> None:
-        self.emit({"type": "log", "level": level, "message": message})
+        self.emit(Log(level, message))
