@@ -1,6 +1,9 @@
 """Helpers and fixtures for the serve tests (test modules import them): a real `afinar serve`
-(uvicorn on 127.0.0.1, worker processes, SQLite), driven with the real `openai` client. The tiny
-random Llama from tests/conftest.py is offered as the base model "tiny"."""
+(uvicorn on 127.0.0.1, worker processes, SQLite), driven with the real `openai` client, for what
+needs the worker (jobs, checkpoints, fine-tuned models) or the process (signals, keys, ports);
+and the same app in-process (`in_process`: FastAPI's test client, no workers) for what the web
+process does alone (files, chat). The tiny random Llama from tests/conftest.py is offered as the
+base model "tiny"."""
 
 from __future__ import annotations
 
@@ -92,6 +95,43 @@ def make_server(folder: Path, tiny_model_dir: Path, **settings) -> Server:
               "evaluate_jobs": False, **settings}
     config.write_text(yaml.safe_dump(values))
     return Server(f"http://127.0.0.1:{port}/v1", folder, config, port)
+
+
+@dataclass
+class InProcess:
+    """The same app as `afinar serve`, without workers, called in this process through
+    FastAPI's test client (an httpx client): no port, no second process, no start-up wait. For
+    tests of what the web process does alone (files, validation, models, errors)."""
+    folder: Path
+    http: object  # fastapi.testclient.TestClient
+    url: str = "http://testserver/v1"
+
+    def client(self, **kw):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url, api_key="sk-anything", max_retries=0,
+                      http_client=self.http, **kw)
+
+    def raw(self, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, bytes]:
+        response = self.http.request(method, self.url + path, content=body,
+                                     headers=headers or {})
+        return response.status_code, response.content
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, tiny_model_dir):
+    """`server`'s settings (upload limit 0.05 MB), served in-process."""
+    from fastapi.testclient import TestClient
+
+    from afinar.serve.app import create_app
+    from afinar.serve.settings import load_serve_settings
+
+    folder = tmp_path_factory.mktemp("in-process")
+    config = make_server(folder, tiny_model_dir, max_upload_mb=0.05).config
+    app = create_app(load_serve_settings(config), str(config), workers=False)
+    with TestClient(app) as http:  # runs the app's lifespan (its store), then closes it
+        yield InProcess(folder, http)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""/v1/chat/completions and /v1/models with the real openai client; API keys."""
+"""/v1/chat/completions and /v1/models with the real openai client; API keys. Chat is the web
+process's alone, so those tests run in-process (serving.in_process); models of fine-tuning jobs
+and API keys need the real server."""
 
 from __future__ import annotations
 
@@ -15,9 +17,14 @@ from serving import chat_records, make_server, raw, wait_for
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
 
 
-def test_chat_completion_counts_tokens_and_reports_length(client):
-    answer = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=7,
-                                            temperature=0)
+@pytest.fixture
+def chat(in_process):
+    return in_process.client()
+
+
+def test_chat_completion_counts_tokens_and_reports_length(chat):
+    answer = chat.chat.completions.create(model="tiny", messages=HELLO, max_tokens=7,
+                                          temperature=0)
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
     choice = answer.choices[0]
     assert choice.message.role == "assistant" and choice.index == 0
@@ -26,25 +33,25 @@ def test_chat_completion_counts_tokens_and_reports_length(client):
     if answer.usage.completion_tokens == 7:
         assert choice.finish_reason == "length"
     # max_completion_tokens is the newer name of the same limit; greedy answers repeat.
-    again = client.chat.completions.create(model="tiny", messages=HELLO,
-                                           max_completion_tokens=7, temperature=0)
+    again = chat.chat.completions.create(model="tiny", messages=HELLO,
+                                         max_completion_tokens=7, temperature=0)
     assert again.choices[0].message.content == choice.message.content
 
 
-def test_streaming_ends_with_done_and_usage(client, server):
-    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+def test_streaming_ends_with_done_and_usage(chat, in_process):
+    stream = chat.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6,
+                                          temperature=0, stream=True,
+                                          stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    full = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6,
-                                          temperature=0)
+    full = chat.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6,
+                                        temperature=0)
     assert text.strip() == full.choices[0].message.content
     # On the wire: server-sent events, the last one `data: [DONE]`.
-    status, body = raw("POST", server.url + "/chat/completions", json.dumps(
+    status, body = in_process.raw("POST", "/chat/completions", json.dumps(
         {"model": "tiny", "messages": HELLO, "max_tokens": 3, "stream": True}).encode(),
         headers={"Content-Type": "application/json"})
     events = [line for line in body.decode().split("\n\n") if line]
@@ -52,33 +59,33 @@ def test_streaming_ends_with_done_and_usage(client, server):
     assert all(e.startswith("data: ") for e in events)
 
 
-def test_stop_sequences_cut_the_answer(client):
-    full = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30,
-                                          temperature=1, seed=3).choices[0].message.content
+def test_stop_sequences_cut_the_answer(chat):
+    full = chat.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30,
+                                        temperature=1, seed=3).choices[0].message.content
     # The random model's greedy answer is empty (it ends the turn at once); a seeded sample is
     # long and reproducible.
     assert len(full) >= 6, full
     stop = full[len(full) // 2:len(full) // 2 + 2]
-    cut = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30,
-                                         temperature=1, seed=3, stop=[stop, "never-there"])
+    cut = chat.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30,
+                                       temperature=1, seed=3, stop=[stop, "never-there"])
     assert cut.choices[0].message.content == full[:full.index(stop)].strip()
     assert cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30,
-                                              temperature=1, seed=3, stop=stop, stream=True)
+    streamed = chat.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30,
+                                            temperature=1, seed=3, stop=stop, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text.strip() == cut.choices[0].message.content
 
 
-def test_chat_request_errors(client):
+def test_chat_request_errors(chat):
     with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="nope", messages=HELLO)
+        chat.chat.completions.create(model="nope", messages=HELLO)
     assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=HELLO, n=2)
+        chat.chat.completions.create(model="tiny", messages=HELLO, n=2)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=[])
+        chat.chat.completions.create(model="tiny", messages=[])
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=HELLO, temperature=5)
+        chat.chat.completions.create(model="tiny", messages=HELLO, temperature=5)
 
 
 def test_models_list_retrieve_delete_with_colons_and_slashes(client, server, tmp_path):

@@ -1,4 +1,6 @@
-"""/v1/files with the real openai client: upload, list, retrieve, content, delete, errors."""
+"""/v1/files with the real openai client: upload, list, retrieve, content, delete, errors.
+Files are the web process's alone, so these run in-process (serving.in_process): the same app as
+`afinar serve`, through FastAPI's test client."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import openai
 import pytest
 
 from conftest import write_jsonl
-from serving import chat_records, raw
+from serving import chat_records
+
+
+@pytest.fixture
+def client(in_process):
+    return in_process.client()
 
 
 def test_upload_list_retrieve_content_delete(client, tmp_path):
@@ -29,16 +36,16 @@ def test_upload_list_retrieve_content_delete(client, tmp_path):
     assert info.value.status_code == 404 and info.value.body["code"] == "file_not_found"
 
 
-def test_client_file_names_never_become_paths(client, server):
+def test_client_file_names_never_become_paths(client, in_process):
     evil = ("../../../../tmp/evil.jsonl", io.BytesIO(b'{"text": "x"}\n'))
     uploaded = client.files.create(file=evil, purpose="fine-tune")
     assert uploaded.filename == "evil.jsonl"
-    stored = server.folder / "state" / "files" / uploaded.id
+    stored = in_process.folder / "state" / "files" / uploaded.id
     assert stored.read_bytes() == b'{"text": "x"}\n'
 
 
-def test_upload_over_the_limit_is_413_and_leaves_nothing(client, server):
-    before = sorted(p.name for p in (server.folder / "state" / "files").iterdir())
+def test_upload_over_the_limit_is_413_and_leaves_nothing(client, in_process):
+    before = sorted(p.name for p in (in_process.folder / "state" / "files").iterdir())
     big = io.BytesIO(b'{"text": "' + b"x" * 80_000 + b'"}\n')  # limit: 0.05 MB
     with pytest.raises(openai.APIStatusError) as info:
         client.files.create(file=("big.jsonl", big), purpose="fine-tune")
@@ -49,16 +56,16 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(client, server):
     with pytest.raises(openai.APIStatusError) as info:
         client.files.create(file=("huge.jsonl", huge), purpose="fine-tune")
     assert info.value.status_code == 413 and info.value.body["code"] == "file_too_large"
-    assert sorted(p.name for p in (server.folder / "state" / "files").iterdir()) == before
+    assert sorted(p.name for p in (in_process.folder / "state" / "files").iterdir()) == before
 
 
-def test_bad_purpose_and_missing_fields_are_400(client, server):
+def test_bad_purpose_and_missing_fields_are_400(client, in_process):
     with pytest.raises(openai.BadRequestError) as info:
         client.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="banana")
     assert info.value.body["param"] == "purpose"
     # A request without the file part: 400 in OpenAI's envelope (not FastAPI's 422).
-    status, body = raw("POST", server.url + "/files", b"purpose=fine-tune",
-                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, body = in_process.raw("POST", "/files", b"purpose=fine-tune",
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 400
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
