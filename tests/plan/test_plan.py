@@ -18,7 +18,7 @@ from afinar.plan.activations import probe_activations
 from afinar.plan.hardware import Target, find_target
 from afinar.plan.memory import weight_budget
 from afinar.plan.planner import PlanData, make_plan
-from afinar.train import loop
+from afinar.train import recipe
 
 runner = CliRunner()
 
@@ -116,7 +116,7 @@ def test_train_writes_its_plan_and_records_the_decision(tmp_path, tiny_model_dir
                          output=str(tmp_path / "run"), max_steps=2, precision="fp32",
                          evaluate=False, gradient_checkpointing=True, learning_rate=1e-2)
     events = []
-    result = loop.train(config, on_event=events.append)
+    result = recipe.train(config, on_event=events.append)
     plan = json.loads((result.run_dir / rundir.PLAN_FILE).read_text())
     info = json.loads((result.run_dir / rundir.RUN_FILE).read_text())
     assert plan["peak_memory_mb"] > 0 and plan["fits"]
@@ -131,11 +131,11 @@ def test_a_run_that_cannot_fit_stops_before_loading_weights(tmp_path, tiny_model
     def heavy(*args, **kwargs):
         raise AssertionError("loaded the weights of a run that cannot fit")
 
-    monkeypatch.setattr(loop, "load_training_model", heavy)
+    monkeypatch.setattr(recipe, "load_training_model", heavy)
     config = TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),
                          output=str(tmp_path / "run"), precision="fp32", max_memory="1MB")
     with pytest.raises(AfinarError, match="needs about .* MB at its peak") as err:
-        loop.train(config)
+        recipe.train(config)
     assert "afinar plan" in err.value.hint
     assert not (tmp_path / "run").exists()
 

@@ -21,7 +21,7 @@ from afinar.errors import AfinarError
 from afinar.models import adapters
 from afinar.models import load as load_mod
 from afinar.plan import speed
-from afinar.train import loop
+from afinar.train import recipe
 from afinar.train.recipe import train
 
 
@@ -104,8 +104,8 @@ def test_user_errors_are_found_before_anything_heavy(tmp_path, tiny_model_dir, s
     def heavy(*args, **kwargs):
         raise AssertionError("built the accelerator or loaded weights before checking the input")
 
-    monkeypatch.setattr(loop, "make_accelerator", heavy)
-    monkeypatch.setattr(loop, "load_training_model", heavy)
+    monkeypatch.setattr(recipe, "make_accelerator", heavy)
+    monkeypatch.setattr(recipe, "load_training_model", heavy)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
     cases = [
@@ -130,13 +130,13 @@ def test_frozen_weights_are_stored_in_bf16_and_train_exactly_as_under_autocast(
     matmul), the LoRA weights and their optimizer state in fp32, and the numbers are those of
     fp32 weights under bf16 autocast."""
     seen = {}
-    real_prepare = loop.make_objective
+    real_prepare = recipe.make_objective
 
     def spy(config, model):
         seen["model"] = model
         return real_prepare(config, model)
 
-    monkeypatch.setattr(loop, "make_objective", spy)
+    monkeypatch.setattr(recipe, "make_objective", spy)
     stored = train(_config(tmp_path, "stored", small_chat_file, tiny_model_dir, "bf16"))
     model = seen["model"]
     frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
@@ -149,7 +149,7 @@ def test_frozen_weights_are_stored_in_bf16_and_train_exactly_as_under_autocast(
     assert frozen["base_model.model.model.norm.weight"] == torch.float32
     assert trained and set(trained.values()) == {torch.float32}
 
-    monkeypatch.setattr(loop, "frozen_linear_dtype", lambda *args: None)
+    monkeypatch.setattr(recipe, "frozen_linear_dtype", lambda *args: None)
     recast = train(_config(tmp_path, "recast", small_chat_file, tiny_model_dir, "bf16"))
     assert all(p.dtype == torch.float32 for p in seen["model"].parameters())
 
