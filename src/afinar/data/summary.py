@@ -20,18 +20,11 @@ def validation_report(path, format: str | None = None, model: str | None = None,
     """The ValidationReport with its stats: token statistics with `model`'s tokenizer (None:
     without them, nothing loaded), duplicates, consistency, and the held-out split `afinar
     train` would make."""
-    from afinar.data.formats import format_family
-    from afinar.data.prepare import describe_data, encode_for
-    from afinar.data.tokenize import ChatEncoder
-    from afinar.models.load import load_tokenizer, stop_token_ids
-    from afinar.models.registry import resolve_model
+    from afinar.data.prepare import describe_data
 
     report = load_examples(path, format)
     if model and report.examples:
-        tokenizer = load_tokenizer(resolve_model(model, notify=notify).tokenizer_source)
-        encoded = encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
-                             pairs=format_family(report.format) == "preference")
-        describe_data(report, encoded, max_seq_length, "truncate")
+        describe_data(report, _encoded(report, model, notify), max_seq_length, "truncate")
     elif report.examples:
         add_to_report(report)
     if report.examples:
@@ -66,17 +59,25 @@ def file_summary(path, display_name: str | None = None, held_out_fraction: float
     return out
 
 
-def _token_stats(report, model: str, max_seq_length: int) -> dict:
+def _encoded(report, model: str, notify: Callable[[str], None] = lambda message: None) -> list:
+    """The report's examples tokenised as training would: with `model`'s tokenizer and chat
+    template, as preference pairs when the file holds pairs."""
     from afinar.data.formats import format_family
     from afinar.data.prepare import encode_for
-    from afinar.data.stats import token_stats
     from afinar.data.tokenize import ChatEncoder
     from afinar.models.load import load_tokenizer, stop_token_ids
     from afinar.models.registry import resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(model, notify=lambda m: None).tokenizer_source)
+    tokenizer = load_tokenizer(resolve_model(model, notify=notify).tokenizer_source)
+    return encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
+                      pairs=format_family(report.format) == "preference")
+
+
+def _token_stats(report, model: str, max_seq_length: int) -> dict:
+    from afinar.data.formats import format_family
+    from afinar.data.stats import token_stats
+
+    encoded = _encoded(report, model)
     pairs = format_family(report.format) == "preference"
-    encoded = encode_for(report.examples, ChatEncoder(tokenizer, stop_token_ids(tokenizer)),
-                         pairs=pairs)
     sequences = [side for p in encoded for side in p.sides()] if pairs else encoded
     return {"model": model, **token_stats(sequences, max_seq_length, "truncate")}
