@@ -40,10 +40,9 @@ from afinar.data.jsonl import read_jsonl
 from afinar.data.prepare import check_usable, split_for
 from afinar.data.validate import load_examples
 from afinar.errors import AfinarError
-from afinar.events import Log, TuneTrial
+from afinar.events import Listener, Log, TuneTrial
 from afinar.paths import sha256_file
 
-Event = Callable[[dict], None]
 TUNE_DIR = "tune"
 TRIALS_FILE = "trials.json"
 STUDY_FILE = "study.db"
@@ -65,7 +64,7 @@ _WEIGHTS = (rundir.ADAPTER_DIR, rundir.FULL_MODEL_DIR, rundir.CHECKPOINTS_DIR,
             rundir.TOKENIZER_DIR)
 
 
-def tune_config(config: TrainConfig, run: Path, on_event: Event | None = None
+def tune_config(config: TrainConfig, run: Path, on_event: Listener | None = None
                 ) -> tuple[TrainConfig, dict]:
     """The config with the winning `learning_rate` and `epochs` (numbers; `tune` off), and the
     search's summary, also written to RUN/tune/trials.json. A finished search for the same
@@ -328,7 +327,7 @@ def _finished_search(folder: Path, key: str) -> dict | None:
 
 # --- one trial --------------------------------------------------------------------------------
 
-def _trial_events(emit: Event, number: int, trials: int) -> Event:
+def _trial_events(emit: Listener, number: int, trials: int) -> Listener:
     """A trial's training events, wrapped so that nothing takes them for the run's own: not a
     progress bar, not the server's job (whose checkpoints they are not). Its log lines too: they
     name the inner data file, and a failed trial's "resume it with" would mislead."""
@@ -336,7 +335,7 @@ def _trial_events(emit: Event, number: int, trials: int) -> Event:
 
 
 def _run_trial(config: TrainConfig, number: int, objective: str, checked: list[Example],
-               checks, on_event: Event) -> dict:
+               checks, on_event: Listener) -> dict:
     from afinar.train.recipe import train
 
     started = time.perf_counter()

@@ -37,7 +37,6 @@ from afinar.evaluation.preference import (pair_log_probs, preference_metrics,
                                           preference_section)
 from afinar.paths import sha256_file
 
-Event = Listener
 PROBE_MAX_NEW_TOKENS = 64  # enough to see what changed; the base model can ramble for longer
 CHANGE_THRESHOLD = 0.05  # per-example score differences below this are "same"
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
@@ -85,7 +84,7 @@ class _Target:
 def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
              output: str | None = None, checks: str | None = None, probes: bool = True,
              max_new_tokens: int | None = None, batch_size: int = 32, use_cache: bool = True,
-             on_event: Event | None = None, notify: Callable = print) -> EvalReport:
+             on_event: Listener | None = None, notify: Callable = print) -> EvalReport:
     """`baseline`: "auto" (a run's base model; none for a plain model), "none", or any model.
     `use_cache`: reuse greedy answers a previous evaluation generated with identical weights,
     prompt and settings (see answer_cache.py)."""
@@ -224,7 +223,7 @@ def answer_budget(tokenizer, examples: list[Example]) -> int:
 # --- one model --------------------------------------------------------------------------------
 
 def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, settings,
-               target: _Target, batch_size: int, emit: Event, use_cache: bool) -> dict:
+               target: _Target, batch_size: int, emit: Listener, use_cache: bool) -> dict:
     from afinar.losses.supervised import SupervisedLoss
 
     max_len = target.config.max_seq_length if target.config else 2048

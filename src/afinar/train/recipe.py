@@ -37,7 +37,7 @@ from afinar.config import TrainConfig, auto_epochs, dump_config
 from afinar.data.prepare import prepare_data
 from afinar.data.tokenize import ChatEncoder
 from afinar.errors import AfinarError
-from afinar.events import End, EvalProgress, RunDir
+from afinar.events import End, EvalProgress, Listener, RunDir
 from afinar.models import adapters
 from afinar.models.load import (COMPUTE_DTYPES, enable_gradient_checkpointing,
                                 frozen_linear_dtype, load_tokenizer, load_training_model,
@@ -61,7 +61,7 @@ from afinar.train.objectives import make_objective
 from afinar.train.reference import attach_reference
 from afinar.train.replay import build_replay
 from afinar.train.replay import describe as describe_replay
-from afinar.train.session import Event, Schedule, Session
+from afinar.train.session import Schedule, Session
 from afinar.train.tracking import Trackers
 
 
@@ -74,7 +74,7 @@ class TrainResult:
     report: object | None = None  # the end-of-run EvalReport (afinar.evaluation), when it ran
 
 
-def train(config: TrainConfig, on_event: Event | None = None, resume: bool = False,
+def train(config: TrainConfig, on_event: Listener | None = None, resume: bool = False,
           trackers: Trackers | None = None, control: Control | None = None) -> TrainResult:
     """Fine-tunes `config.model` on `config.data`; returns the run directory and a summary.
 

@@ -16,7 +16,6 @@ from afinar.train.control import Control
 from afinar.train.metrics import Metrics
 from afinar.train.tracking import Trackers
 
-Event = Listener  # what `emit` is given: afinar.events
 
 
 @dataclass
@@ -62,7 +61,7 @@ class Session:
     (and `state`, the step counters a checkpoint saves)."""
     config: TrainConfig
     resume: bool
-    emit: Event
+    emit: Listener
     trackers: Trackers
     control: Control = field(default_factory=Control)  # asked after every step
     run: Path = Path()
