@@ -4,4 +4,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
+# The llama.cpp engine answers the evaluation (its converter and llama-server, built once).
+bash "$root/scripts/install_llama_cpp.sh" --engine
 exec "$root/.venv/bin/afinar" demo "$@"

@@ -164,6 +164,11 @@ class TrainConfig(StrictModel):
     tune_trials: int = Field(4, ge=2, le=50, description="Short runs the search makes.")
     evaluate: bool = Field(True, description="At the end, evaluate base vs tuned on the held-out "
                            "data and write RUN/report.json and report.html (`afinar eval`).")
+    engine: Literal["auto", "llamacpp", "transformers"] = Field(
+        "auto", description="What answers in the end-of-run evaluation: llamacpp (llama.cpp's "
+        "server on a GGUF of the base, cached, with the run's LoRA as a GGUF adapter), "
+        "transformers, or auto (llama.cpp on a CPU when it is installed and the model "
+        "converts). docs/serving.md")
     checks: str | None = Field(None, description="Checks file (YAML) for the end-of-run "
                                "evaluation: format regexes, JSON schemas, expected topics.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(

@@ -75,7 +75,7 @@ def fine_tune(config: TrainConfig, on_event: Listener | None = None, resume: boo
     if result.is_main_process and config.evaluate and result.summary.get("held_out_examples"):
         # The model is trained and saved whatever happens from here on.
         try:
-            result.report = _evaluate_finished_run(result.run_dir, events)
+            result.report = _evaluate_finished_run(result.run_dir, events, config.engine)
             trackers.artifacts(result.run_dir)  # report.json/.md/.html, those it wrote
         except BaseException:
             trackers.finish("failed")
@@ -89,12 +89,16 @@ def fine_tune(config: TrainConfig, on_event: Listener | None = None, resume: boo
 
 
 def evaluate_run(model: str, on_event: Listener | None = None,
-                 notify: Callable[[str], None] = print, **options):
-    """afinar.evaluation.evaluate, then the registry (the report of a run's own held-out split
-    is the one its version shows) and the model card (when the report went to the run)."""
+                 notify: Callable[[str], None] = print, engine: str = "auto", **options):
+    """afinar.evaluation.evaluate with answers from `engine` (afinar.engines), then the
+    registry (the report of a run's own held-out split is the one its version shows) and the
+    model card (when the report went to the run)."""
+    from afinar.engines import answerer_for, check_engine
     from afinar.evaluation.evaluator import evaluate
 
-    report = evaluate(model, on_event=on_event, notify=notify, **options)
+    check_engine(engine)
+    report = evaluate(model, on_event=on_event, notify=notify,
+                      answerer=lambda loaded: answerer_for(loaded, engine, notify), **options)
     if report.run_dir is not None:
         refresh_records(report.run_dir, lambda event: notify(event.message),
                         registry=report.is_default_eval,
@@ -119,10 +123,10 @@ def refresh_records(run: Path, emit: Listener, registry: bool = True, card: bool
         try_write_card(run, run, warn=lambda message: emit(Log("warning", message)))
 
 
-def _evaluate_finished_run(run: Path, emit: Listener):
+def _evaluate_finished_run(run: Path, emit: Listener, engine: str):
     """The end-of-run evaluation; its failure is a warning: the run itself is complete."""
     try:
-        return evaluate_run(str(run), on_event=emit,
+        return evaluate_run(str(run), on_event=emit, engine=engine,
                             notify=lambda message: emit(Log("info", message)))
     except AfinarError as exc:
         emit(Log("warning", f"end-of-run evaluation failed: {exc.message}; the run itself is "

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from afinar.cli.common import generation_settings, notify, quiet_libraries
+from afinar.cli.common import (engine_option, generation_settings, notify, quiet_libraries,
+                               say_engine)
 from afinar.console import console, out, user_errors
 from afinar.models.registry import DEFAULT_MODEL
 
@@ -18,13 +19,22 @@ def chat(
     max_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy (default); higher = more varied."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with temperature > 0)."),
+    engine: str = engine_option(),
 ):
     """Talk to a model or a trained run. /reset clears the conversation, /exit quits."""
     quiet_libraries()
-    from afinar.infer.generate import load
+    from afinar.engines import open_model
 
     settings = generation_settings(max_tokens, temperature, top_p)
-    loaded = load(model, notify=notify)
+    loaded = open_model(model, engine, notify=notify, slots=1)
+    try:
+        say_engine(loaded)
+        _converse(loaded, system, settings)
+    finally:
+        loaded.close()
+
+
+def _converse(loaded, system: str | None, settings) -> None:
     console.print(f"[dim]{loaded.name} ready. /reset clears, /exit or Ctrl-D quits.[/]")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -57,18 +67,26 @@ def generate(
     max_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
-    batch_size: int = typer.Option(8, help="Prompts generated together."),
+    batch_size: int = typer.Option(8, help="Prompts generated together (transformers; "
+                                   "llama.cpp answers in its parallel slots)."),
+    engine: str = engine_option(),
 ):
     """Answer every conversation of a file (a trailing assistant turn is replaced)."""
     quiet_libraries()
     from rich.progress import Progress
 
-    from afinar.infer.generate import generate_file, load
+    from afinar.engines import open_model
+    from afinar.infer.generate import generate_file
 
     settings = generation_settings(max_tokens, temperature, top_p)
-    loaded = load(model, notify=notify)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("generating", total=None)
-        count = generate_file(loaded, str(input), str(output), settings, batch_size,
-                              lambda done, total: bar.update(task, completed=done, total=total))
-    out.print(f"wrote {count} answers to {output}")
+    loaded = open_model(model, engine, notify=notify)
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("generating", total=None)
+            count = generate_file(loaded, str(input), str(output), settings, batch_size,
+                                  lambda done, total: bar.update(task, completed=done,
+                                                                 total=total))
+    finally:
+        loaded.close()
+    note = f"; {loaded.engine_note}" if loaded.engine_note else ""
+    out.print(f"wrote {count} answers to {output} (engine: {loaded.engine}{note})")

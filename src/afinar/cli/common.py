@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import typer
+
 from afinar.console import console, out
 from afinar.errors import AfinarError
 
@@ -54,6 +56,23 @@ def print_summary(run_dir, s: dict) -> None:
               f"{s['tokens_per_s']:.0f} tokens/s, peak memory {s['peak_memory_mb']:.0f} MB; "
               f"{best}" + (" (stopped early)" if s.get("stopped_early") else ""))
     out.print(f"Talk to it: afinar chat {run_dir}")
+
+
+ENGINE_HELP = ("What answers: llamacpp (llama.cpp's server on a cached GGUF of the base, the "
+               "run's LoRA as a GGUF adapter), transformers, or auto (llama.cpp on a CPU when "
+               "installed and the model converts).")
+
+
+def engine_option():
+    return typer.Option("auto", "--engine", help=ENGINE_HELP)
+
+
+def say_engine(model) -> None:
+    """One line on which engine answers (and why, when it was not the one asked for)."""
+    from afinar.console import console
+
+    note = f" ({model.engine_note})" if model.engine_note else ""
+    console.print(f"[dim]engine: {model.engine}{note}[/]")
 
 
 def generation_settings(max_tokens: int, temperature: float, top_p: float):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from afinar.cli.common import notify, print_report, quiet_libraries
+from afinar.cli.common import engine_option, notify, print_report, quiet_libraries
 from afinar.console import out, user_errors
 from afinar.errors import AfinarError
 
@@ -29,6 +29,7 @@ def eval_(
     cache: bool = typer.Option(True, help="Reuse greedy answers an earlier evaluation "
                                "generated with the same weights, prompt and settings."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    engine: str = engine_option(),
 ):
     """Measure a model or run on held-out data against its base: loss, answers, checks."""
     quiet_libraries()
@@ -39,7 +40,7 @@ def eval_(
         raise AfinarError("--max-tokens must be at least 1")
     report = evaluate_run(model, data=data, baseline=baseline, output=output, checks=checks,
                       probes=probes, max_new_tokens=max_tokens, batch_size=batch_size,
-                      use_cache=cache, on_event=EvalProgress(), notify=notify)
+                      use_cache=cache, on_event=EvalProgress(), notify=notify, engine=engine)
     if as_json:
         out.print_json(data=report.summary)
     else:

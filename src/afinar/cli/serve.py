@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from afinar.cli.common import quiet_libraries
+from afinar.cli.common import ENGINE_HELP, quiet_libraries
 from afinar.console import console, user_errors
 
 @user_errors
@@ -17,6 +17,8 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Server settings (YAML): "
                                           "api_keys, models, concurrent_jobs, max_upload_mb..."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Training jobs run at once."),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP + " Default: the "
+                                         "settings' engine (auto)."),
 ):
     """OpenAI-compatible API: files, fine-tuning jobs, chat completions, models (/v1)."""
     quiet_libraries()
@@ -25,7 +27,8 @@ def serve(
     from afinar.serve.app import create_app
     from afinar.serve.settings import LOOPBACK, load_serve_settings
 
-    settings = load_serve_settings(config, host=host, port=port, concurrent_jobs=jobs)
+    settings = load_serve_settings(config, host=host, port=port, concurrent_jobs=jobs,
+                                   engine=engine)
     if not settings.keys():
         if settings.host not in LOOPBACK:
             console.print(f"[yellow]no API keys configured: listening on 127.0.0.1 only, not "
@@ -35,6 +38,6 @@ def serve(
         settings = settings.model_copy(update={"host": "127.0.0.1"})
     console.print(f"afinar serving OpenAI's API at http://{settings.host}:{settings.port}/v1 "
                   f"(state: {settings.state_dir()}, {settings.concurrent_jobs} training worker"
-                  f"{'s' if settings.concurrent_jobs > 1 else ''})")
+                  f"{'s' if settings.concurrent_jobs > 1 else ''}, engine: {settings.engine})")
     uvicorn.run(create_app(settings, str(config) if config else None), host=settings.host,
                 port=settings.port, log_level="warning")

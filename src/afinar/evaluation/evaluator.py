@@ -84,17 +84,19 @@ class _Target:
 def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
              output: str | None = None, checks: str | None = None, probes: bool = True,
              max_new_tokens: int | None = None, batch_size: int = 32, use_cache: bool = True,
-             on_event: Listener | None = None, notify: Callable = print) -> EvalReport:
+             on_event: Listener | None = None, notify: Callable = print,
+             answerer: Callable | None = None) -> EvalReport:
     """`baseline`: "auto" (a run's base model; none for a plain model), "none", or any model.
     `use_cache`: reuse greedy answers a previous evaluation generated with identical weights,
-    prompt and settings (see answer_cache.py)."""
+    prompt and settings (see answer_cache.py). `answerer(loaded)`: what generates the answers
+    for a loaded (transformers) model, which itself computes the losses; default: itself
+    (afinar.pipeline.evaluate_run passes the chosen engine)."""
     from afinar.infer.generate import GenerationSettings
 
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     target = _resolve_target(model, data, baseline, output, checks)
     examples = target.examples
-    prompts = [list(ex.prompt_messages()) for ex in examples if ex.is_chat]
     chat_examples = [ex for ex in examples if ex.is_chat]
     probe_examples = regressions.load_probes() if probes and target.baseline else []
     cross_sets = (regressions.cross_system_prompts(chat_examples, probe_examples)
@@ -113,17 +115,23 @@ def evaluate(model: str, data: str | None = None, baseline: str | None = "auto",
             settings = GenerationSettings(
                 max_new_tokens=max_new_tokens or answer_budget(loaded.tokenizer, chat_examples))
         shown = examples if role == "model" else target.baseline_examples(examples)
-        results[role] = _run_model(loaded, role, shown, [list(ex.prompt_messages())
-                                                         for ex in shown if ex.is_chat],
-                                   probe_examples, cross_sets, settings, target, batch_size,
-                                   emit, use_cache)
-        del loaded
+        answering = answerer(loaded) if answerer else loaded
+        try:
+            results[role] = _run_model(loaded, answering, role, shown,
+                                       [list(ex.prompt_messages()) for ex in shown if ex.is_chat],
+                                       probe_examples, cross_sets, settings, target, batch_size,
+                                       emit, use_cache)
+        finally:
+            if answering is not loaded:
+                answering.close()
+        del loaded, answering
         timings[f"{role}_s"] = round(time.perf_counter() - t0, 2)
 
     report = _assemble(target, chat_examples, results, probe_examples, cross_sets, settings,
                        batch_size)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     report["timing"] = timings
+    report["engine"] = {role: result["engine"] for role, result in results.items()}
     from afinar.evaluation.report_html import render_html
     from afinar.evaluation.report_md import render_markdown
 
@@ -222,8 +230,10 @@ def answer_budget(tokenizer, examples: list[Example]) -> int:
 
 # --- one model --------------------------------------------------------------------------------
 
-def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, settings,
-               target: _Target, batch_size: int, emit: Listener, use_cache: bool) -> dict:
+def _run_model(loaded, answering, role: str, examples, prompts, probes, cross_sets: dict,
+               settings, target: _Target, batch_size: int, emit: Listener, use_cache: bool
+               ) -> dict:
+    """Losses from `loaded` (transformers); answers from `answering` (either engine)."""
     from afinar.losses.supervised import SupervisedLoss
 
     max_len = target.config.max_seq_length if target.config else 2048
@@ -242,24 +252,34 @@ def _run_model(loaded, role: str, examples, prompts, probes, cross_sets: dict, s
         emit(EvalPhase(f"{role}: log-probs of the held-out pairs"))
         pairs = pair_log_probs(loaded, examples, max_len, batch_size)
     counts: dict[str, int] = {}
-    answers = _generate(loaded, prompts, settings, batch_size, emit, f"{role}: held-out answers",
-                        use_cache, counts)
+    answers = _generate(answering, prompts, settings, batch_size, emit,
+                        f"{role}: held-out answers", use_cache, counts)
     probe_answers, cross_answers = [], {}
     if probes:
         from afinar.infer.generate import GenerationSettings
 
         probe_settings = GenerationSettings(max_new_tokens=PROBE_MAX_NEW_TOKENS)
-        probe_answers = _generate(loaded, [list(p.prompt_messages()) for p in probes],
+        probe_answers = _generate(answering, [list(p.prompt_messages()) for p in probes],
                                   probe_settings, batch_size, emit, f"{role}: general prompts",
                                   use_cache, counts)
         for name, items in cross_sets.items():
             cross_answers[name] = _generate(
-                loaded, [messages for _, messages in items], probe_settings, batch_size, emit,
+                answering, [messages for _, messages in items], probe_settings, batch_size, emit,
                 f"{role}: {name.replace('_', ' ')}", use_cache, counts)
     return {"loss": loss, "pairs": pairs, "answers": answers, "probe_answers": probe_answers,
             "cross_answers": cross_answers,
-            "spec": loaded.name, "answers_from_cache": counts.get("cached", 0),
+            "spec": loaded.name, "engine": engine_info(answering),
+            "answers_from_cache": counts.get("cached", 0),
             "answers_generated": counts.get("generated", 0)}
+
+
+def engine_info(answering) -> dict:
+    """Which engine answered (and why, when it was not the one asked for)."""
+    describe = getattr(answering, "describe", None)
+    info = describe() if describe else {"engine": answering.engine}
+    if getattr(answering, "engine_note", "") and "note" not in info:
+        info["note"] = answering.engine_note
+    return info
 
 
 def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: bool,

@@ -30,8 +30,8 @@ from afinar.export.convert import convert_adapter, convert_model, find_converter
 from afinar.export.llama_cpp_limits import adapter_for_llama_cpp, check_model_config
 from afinar.export.llama_runner import LLAMA_CPP_TYPES
 from afinar.export.merged import DTYPES as MERGED_TYPES
-from afinar.export.merged import (METADATA_FILE, MergedRunner, cut_at_stop, write_hf_folder,
-                                  write_merged)
+from afinar.export.merged import (METADATA_FILE, MergedRunner, adds_special, converter_folder,
+                                  cut_at_stop, write_merged)
 from afinar.export.quantize import quantize_with_llama_cpp
 from afinar.models.quantize import merge_note
 
@@ -179,17 +179,6 @@ def _reference(loaded, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return cut_at_stop(out[0, len(prompt_ids):].tolist(), set(loaded.stop_ids))
 
 
-@torch.inference_mode()
-def _tie_margin(loaded, prompt: list[int], ref: list[int], got: list[int], k: int) -> float | None:
-    """How close the reference was to choosing the export's token where they part: the logit
-    margin as a share of the logits' spread (0 = a perfect tie)."""
-    if k >= len(ref) or k >= len(got):
-        return None  # one answer ended (its stop token agreed up to there)
-    logits = loaded.model(torch.tensor([prompt + ref[:k]])).logits[0, -1].float()
-    spread = float(logits.max() - logits.min()) or 1.0
-    return max(0.0, float(logits[ref[k]] - logits[got[k]])) / spread
-
-
 @dataclass
 class _ExportSide:
     """What the export did with the golden prompts: its own prompt ids for each conversation,
@@ -239,7 +228,8 @@ def _compare(job: _Job, engine: str, golden, exact_tokens, max_new_tokens, min_a
                                   got, exact_tokens, decode, side.stopped[k],
                                   forced=side.forced[k] if side.forced else None)
         if exact and result.agreed_tokens < result.compared_tokens:
-            result.near_tie = _tie_margin(job.loaded, ours[k], ref, got, result.agreed_tokens)
+            result.near_tie = V.tie_margin(job.loaded.model, ours[k], ref, got,
+                                           result.agreed_tokens)
         report.prompts.append(result)
         tie = "" if result.near_tie is None else \
             f", then parted where the reference's margin was {result.near_tie:.1e} of its spread"
@@ -296,32 +286,6 @@ def _write_provenance(job: _Job) -> None:
                                          encoding="utf-8")
 
 
-def _hf_folder(model, tokenizer, stop_ids: list[int], folder: Path, resolved) -> Path:
-    """The model as a Hugging Face folder in f32, for llama.cpp's converter: f32 so that every
-    GGUF type is rounded once, from the trained values, and so that no cast copy of the weights
-    is made in memory. A SentencePiece `tokenizer.model` the fast tokenizer does not save is
-    copied from where the tokenizer came from (the converter reads it for those families)."""
-    write_hf_folder(model, tokenizer, stop_ids, folder, "f32")
-    # transformers 5 no longer writes add_bos_token / add_eos_token; without them (and without a
-    # post-processor saying so) llama.cpp takes its per-tokenizer default, on for SentencePiece.
-    # Say what this tokenizer does.
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.setdefault("add_bos_token", _adds_special(tokenizer, tokenizer.bos_token_id))
-    config.setdefault("add_eos_token", _adds_special(tokenizer, tokenizer.eos_token_id))
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    spm = "tokenizer.model"
-    if not (folder / spm).is_file():
-        vocab_file = getattr(tokenizer, "vocab_file", None)
-        candidates = [Path(vocab_file)] if vocab_file else []
-        candidates += [Path(resolved.tokenizer_source) / spm, Path(resolved.base) / spm]
-        for candidate in candidates:
-            if candidate.name == spm and candidate.is_file():
-                shutil.copyfile(candidate, folder / spm)
-                break
-    return folder
-
-
 def _write_gguf_file(job: _Job) -> Path:
     """The run's merged model as `job.kind` GGUF: llama.cpp's converter writes f32/f16/bf16/q8_0
     itself; smaller types are quantised by llama.cpp from its f32 file."""
@@ -332,7 +296,7 @@ def _write_gguf_file(job: _Job) -> Path:
     converted = path if direct else job.tmp / f".{job.name}-f32.gguf"
     source = job.tmp / ".merged-f32"
     job.notify("writing the merged weights (f32) for llama.cpp's converter")
-    _hf_folder(job.loaded.model, job.loaded.tokenizer, job.loaded.stop_ids, source,
+    converter_folder(job.loaded.model, job.loaded.tokenizer, job.loaded.stop_ids, source,
                job.loaded.resolved)
     convert_model(source, converted, job.kind if direct else "f32", _gguf_metadata(job),
                   job.notify, name=job.name)
@@ -415,7 +379,7 @@ def _gguf_adapter(job: _Job):
 
         with tempfile.TemporaryDirectory(prefix="afinar-base-") as scratch:
             base = load_inference_base(resolved)
-            folder = _hf_folder(base, job.loaded.tokenizer, job.loaded.stop_ids,
+            folder = converter_folder(base, job.loaded.tokenizer, job.loaded.stop_ids,
                                 Path(scratch) / "base", resolved)
             del base
             base_path = convert_model(folder, Path(scratch) / "base-f32.gguf", "f32",
@@ -426,14 +390,6 @@ def _gguf_adapter(job: _Job):
                                                               max_new_tokens, min_agreement)
     return (lambda out: f"llama-cli -m BASE.gguf --lora {shlex.quote(str(out / path.name))} -cnv",
             verifier)
-
-
-def _adds_special(tokenizer, token_id: int | None) -> bool:
-    """Does encoding plain text (with special tokens on) put this token in? (BOS/EOS flags)."""
-    if token_id is None:
-        return False
-    return token_id in tokenizer("a", add_special_tokens=True)["input_ids"] \
-        and token_id not in tokenizer("a", add_special_tokens=False)["input_ids"]
 
 
 def _ollama(job: _Job):
@@ -447,7 +403,7 @@ def _ollama(job: _Job):
     stops = sorted({tok.convert_ids_to_tokens(i) for i in job.loaded.stop_ids})
     # Ollama adds BOS itself when the GGUF says so: a BOS written by the template too would
     # double it (afinar's own encoder drops the duplicate; Ollama would not).
-    doubled = bool(_adds_special(tok, tok.bos_token_id) and tok.bos_token
+    doubled = bool(adds_special(tok, tok.bos_token_id) and tok.bos_token
                    and pieces.always_prefix.startswith(tok.bos_token))
     (job.tmp / "Modelfile").write_text(
         ollama.modelfile(path.name, pieces, stops, None, run=str(job.run_dir.resolve()),

@@ -8,6 +8,7 @@ QLoRA run, that the adapter is merged into the de-quantised base weights).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -56,6 +57,40 @@ def write_hf_folder(model, tokenizer, stop_ids: list[int], folder: Path, kind: s
     if metadata:
         (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False)
                                             + "\n", encoding="utf-8")
+
+
+def converter_folder(model, tokenizer, stop_ids: list[int], folder: Path, resolved) -> Path:
+    """The model as a Hugging Face folder in f32, for llama.cpp's converter: f32 so that every
+    GGUF type is rounded once, from the trained values, and so that no cast copy of the weights
+    is made in memory. A SentencePiece `tokenizer.model` the fast tokenizer does not save is
+    copied from where the tokenizer came from (the converter reads it for those families)."""
+    write_hf_folder(model, tokenizer, stop_ids, folder, "f32")
+    # transformers 5 no longer writes add_bos_token / add_eos_token; without them (and without a
+    # post-processor saying so) llama.cpp takes its per-tokenizer default, on for SentencePiece.
+    # Say what this tokenizer does.
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.setdefault("add_bos_token", adds_special(tokenizer, tokenizer.bos_token_id))
+    config.setdefault("add_eos_token", adds_special(tokenizer, tokenizer.eos_token_id))
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    spm = "tokenizer.model"
+    if not (folder / spm).is_file():
+        vocab_file = getattr(tokenizer, "vocab_file", None)
+        candidates = [Path(vocab_file)] if vocab_file else []
+        candidates += [Path(resolved.tokenizer_source) / spm, Path(resolved.base) / spm]
+        for candidate in candidates:
+            if candidate.name == spm and candidate.is_file():
+                shutil.copyfile(candidate, folder / spm)
+                break
+    return folder
+
+
+def adds_special(tokenizer, token_id: int | None) -> bool:
+    """Does encoding plain text (with special tokens on) put this token in? (BOS/EOS flags)."""
+    if token_id is None:
+        return False
+    return token_id in tokenizer("a", add_special_tokens=True)["input_ids"] \
+        and token_id not in tokenizer("a", add_special_tokens=False)["input_ids"]
 
 
 class MergedRunner:

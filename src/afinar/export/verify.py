@@ -223,6 +223,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def tie_margin(model, prompt: list[int], ref: list[int], got: list[int], k: int) -> float | None:
+    """How close the reference model was to choosing the other side's token where they part:
+    the logit margin as a share of the logits' spread (0 = a perfect tie)."""
+    import torch
+
+    if k >= len(ref) or k >= len(got):
+        return None  # one answer ended (its stop token agreed up to there)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + ref[:k]])).logits[0, -1].float()
+    spread = float(logits.max() - logits.min()) or 1.0
+    return max(0.0, float(logits[ref[k]] - logits[got[k]])) / spread
+
+
 def compare_answer(prompt: str, same_ids: bool, ref: list[int], exp: list[int], window: int,
                    decode: Callable[[list[int]], str], stopped: bool,
                    forced: list[int] | None = None) -> PromptResult:

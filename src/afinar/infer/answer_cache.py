@@ -34,9 +34,6 @@ def _files_signature(folder: str | Path | None) -> list:
 
 
 def model_fingerprint(loaded, settings) -> str:
-    import torch
-    import transformers
-
     resolved = loaded.resolved
     digest = hashlib.sha256(_VERSION.encode())
     # A QLoRA run's base weights are what bitsandbytes makes of the files.
@@ -46,7 +43,7 @@ def model_fingerprint(loaded, settings) -> str:
         _files_signature(resolved.weights), _files_signature(resolved.adapter),
         *[_files_signature(folder) for folder in resolved.merged_adapters],
         tokenizer_fingerprint(loaded.encoder), sorted(loaded.stop_ids), settings.kwargs(),
-        str(loaded.device), torch.__version__, transformers.__version__, *quantized]).encode())
+        *loaded.engine_signature(), *quantized]).encode())
     return digest.hexdigest()[:32]
 
 

@@ -77,21 +77,76 @@ def _after_reasoning(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def _as_messages(conversation) -> list[Message]:
+def as_messages(conversation) -> list[Message]:
     return [m if isinstance(m, Message) else Message(m["role"], m["content"])
             for m in conversation]
 
 
+def completion_from_ids(tokenizer, stop_ids, prompt_len: int, ids: list[int],
+                        settings: GenerationSettings) -> Completion:
+    """The Completion for generated token ids, whichever engine generated them: cut after the
+    first end-of-turn token, a leading reasoning block and a stop string removed."""
+    ended = next((k for k, t in enumerate(ids) if t in stop_ids), None)
+    kept = ids if ended is None else ids[:ended + 1]  # the end-of-turn token counts
+    text = _after_reasoning(tokenizer.decode(kept, skip_special_tokens=True))[0]
+    text, stopped = _cut_at_stop(text, settings.stop)
+    finish = "stop" if ended is not None or stopped or len(kept) < settings.max_new_tokens \
+        else "length"
+    return Completion(text.strip(), prompt_len, len(kept), finish)
+
+
+def answer_pieces(pieces: Iterator[str], settings: GenerationSettings) -> Iterator[str]:
+    """The answer's text, piece by piece, from the generated text's pieces: a reasoning block
+    held back, and the text cut at a stop string (which may arrive split over pieces: what
+    could be its beginning is held back until it is known)."""
+    sent, text, stopped = "", "", False
+    hold = max((len(stop) - 1 for stop in settings.stop if stop), default=0)
+    answer = ""
+    for piece in pieces:
+        text += piece
+        answer, thinking = _after_reasoning(text)
+        if thinking:
+            continue
+        cut, stopped = _cut_at_stop(answer, settings.stop)
+        upto = len(cut) if stopped else max(len(sent), len(answer) - hold)
+        if upto > len(sent):
+            yield answer[len(sent):upto]
+            sent = answer[:upto]
+        if stopped:
+            return
+    if len(answer) > len(sent):
+        yield answer[len(sent):]
+
+
+def transformers_signature(device) -> list[str]:
+    """What, besides the weights and the prompt, decides a greedy answer of the transformers
+    engine (answer_cache's key)."""
+    import transformers
+
+    return [str(device), torch.__version__, transformers.__version__]
+
+
 class LoadedModel:
+    """The transformers engine: the model's weights in this process, `generate` in batches."""
+
+    engine = "transformers"
+    engine_note = ""  # why this engine answers, when it was not the one asked for
+
     def __init__(self, model, tokenizer, resolved: ResolvedModel, device: torch.device):
         self.model, self.tokenizer, self.resolved, self.device = model, tokenizer, resolved, device
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.encoder = ChatEncoder(tokenizer, self.stop_ids)
         self.name = resolved.spec
 
+    def engine_signature(self) -> list[str]:
+        return transformers_signature(self.device)
+
+    def close(self) -> None:
+        """Nothing to release beyond the weights (the llama.cpp engine stops its server)."""
+
     def prompt_ids(self, conversation) -> list[int]:
         """The token ids the model is given for a conversation (with the generation prompt)."""
-        return self.encoder.prompt_ids(_as_messages(conversation))
+        return self.encoder.prompt_ids(as_messages(conversation))
 
     def _prompt_batch(self, conversations) -> dict[str, torch.Tensor]:
         prompts = [self.prompt_ids(c) for c in conversations]
@@ -113,14 +168,8 @@ class LoadedModel:
 
     def _completion(self, prompt_len: int, new_ids: torch.Tensor,
                     settings: GenerationSettings) -> Completion:
-        ids = new_ids.tolist()
-        ended = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
-        kept = ids if ended is None else ids[:ended + 1]  # the end-of-turn token counts
-        text = _after_reasoning(self.tokenizer.decode(kept, skip_special_tokens=True))[0]
-        text, stopped = _cut_at_stop(text, settings.stop)
-        finish = "stop" if ended is not None or stopped or len(kept) < settings.max_new_tokens \
-            else "length"
-        return Completion(text.strip(), prompt_len, len(kept), finish)
+        return completion_from_ids(self.tokenizer, self.stop_ids, prompt_len, new_ids.tolist(),
+                                   settings)
 
     @torch.inference_mode()
     def complete(self, conversations: list, settings: GenerationSettings | None = None,
@@ -167,24 +216,7 @@ class LoadedModel:
         worker = threading.Thread(target=self._generate_into, daemon=True,
                                   args=(batch, settings, streamer, output))
         worker.start()
-        sent, text, stopped = "", "", False
-        # A stop string may arrive split over pieces: hold back what could be its beginning.
-        hold = max((len(stop) - 1 for stop in settings.stop if stop), default=0)
-        answer = ""
-        for piece in streamer:
-            text += piece
-            answer, thinking = _after_reasoning(text)
-            if thinking:
-                continue
-            cut, stopped = _cut_at_stop(answer, settings.stop)
-            upto = len(cut) if stopped else max(len(sent), len(answer) - hold)
-            if upto > len(sent):
-                yield answer[len(sent):upto]
-                sent = answer[:upto]
-            if stopped:
-                break  # generate() itself stops at the stop string (stop_strings) soon after
-        if not stopped and len(answer) > len(sent):
-            yield answer[len(sent):]
+        yield from answer_pieces(streamer, settings)
         worker.join()
         if result is not None and "ids" in output:
             width = batch["input_ids"].shape[1]

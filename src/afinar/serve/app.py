@@ -70,6 +70,7 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
             yield
         finally:
             stop_workers(procs)
+            app.state.engine.close()
 
     app = FastAPI(title="afinar", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(check_api_key)],

@@ -1,6 +1,11 @@
 """Inference for the server: each base model loaded once, fine-tuned LoRA adapters attached to it
 and switched per request (no reload), with a bounded LRU of loaded adapters.
 
+Two engines (settings.engine): llama.cpp (serve/llama_backend.py: a llama-server child per base
+model, adapters chosen per request, parallel slots with continuous batching) and transformers
+(below). `auto` answers with llama.cpp on a CPU where it is installed, and with transformers a
+model llama.cpp cannot run (said once in the log, and in /v1/models' `engine`).
+
 A model name resolves to (base, adapter source):
     smollm2-135m-instruct                       a base model (settings.models + the default)
     ft:BASE:ORG:SUFFIX:ID                       a succeeded job's adapter (RUN/adapter)
@@ -14,6 +19,7 @@ bound by reading the weights, so a batch of 8 costs little more than one answer.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import OrderedDict
@@ -25,6 +31,9 @@ from pathlib import Path
 import torch
 
 from afinar import rundir
+from afinar.engines import auto_reason
+from afinar.engines.llama_server import INSTALL_HINT, EngineUnavailable
+from afinar.errors import AfinarError
 from afinar.serve.errors import ApiError
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
@@ -50,13 +59,66 @@ class Engine:
         self._pending: queue.Queue = queue.Queue()
         self._batcher = threading.Thread(target=self._batch_loop, daemon=True)
         self._batcher.start()
+        self.llama, self.engine_note = None, ""
+        self._fallback: dict[str, str] = {}  # model name -> why transformers answers it
+        if settings.engine != "transformers":
+            reason = auto_reason("auto")
+            if reason is None:
+                from afinar.serve.llama_backend import LlamaBackend
+
+                self.llama = LlamaBackend(settings.llama_slots, settings.adapter_cache)
+            elif settings.engine == "llamacpp":
+                raise AfinarError(f"engine: llamacpp: {reason}", INSTALL_HINT)
+            else:
+                self.engine_note = reason
+
+    # --- which engine answers ------------------------------------------------------------------
+    def engine_of(self, name: str) -> str:
+        return "llama.cpp" if self.llama and name not in self._fallback else "transformers"
+
+    @contextmanager
+    def _on_llama(self, ref: ModelRef):
+        """The LlamaCppModel for `ref`, or None when transformers answers it. A model llama.cpp
+        cannot run falls back under `auto` (remembered) and is an error under `llamacpp`; a
+        child that dies mid-answer is a 503."""
+        if self.llama is None or ref.name in self._fallback:
+            yield None
+            return
+        try:
+            self.llama.prepare(ref)
+        except EngineUnavailable as exc:
+            raise _unavailable(ref, exc) from None
+        except AfinarError as exc:
+            if self.settings.engine == "llamacpp":
+                raise ApiError(400, f"llama.cpp cannot serve '{ref.name}': {exc.message}; set "
+                               "engine: auto or transformers in the server settings.",
+                               param="model", code="model_not_supported") from None
+            self._fallback[ref.name] = exc.message
+            logging.getLogger("afinar.serve").warning(
+                "%s answers with transformers: llama.cpp cannot run it (%s)", ref.name,
+                exc.message)
+            yield None
+            return
+        try:
+            with self.llama.model(ref) as model:
+                yield model
+        except EngineUnavailable as exc:
+            raise _unavailable(ref, exc) from None
+
+    def close(self) -> None:
+        if self.llama is not None:
+            self.llama.close()
 
     # --- batched completions ------------------------------------------------------------------
     MAX_BATCH = 16
 
     def complete(self, name: str, conversation: list[dict], settings):
-        """One completion; waits while requests that arrived together are batched."""
-        self.resolve(name)  # unknown names fail here, not in the batch thread
+        """One completion; on llama.cpp, one request among those it batches; on transformers,
+        waits while requests that arrived together are batched."""
+        ref = self.resolve(name)  # unknown names fail here, not in the batch thread
+        with self._on_llama(ref) as model:
+            if model is not None:
+                return model.complete([conversation], settings)[0]
         future: Future = Future()
         self._pending.put((name, conversation, settings, future))
         return future.result()
@@ -160,8 +222,13 @@ class Engine:
 
     @contextmanager
     def use(self, name: str):
-        """The LoadedModel for `name`, with its adapter active, held for one generation."""
+        """The model for `name`, ready for one generation: on llama.cpp a LlamaCppModel; on
+        transformers the LoadedModel with its adapter active, the engine's lock held."""
         ref = self.resolve(name)
+        with self._on_llama(ref) as model:
+            if model is not None:
+                yield model
+                return
         with self.lock:
             loaded = self._base(ref.base_spec)
             if ref.adapter_kind is None:
@@ -186,6 +253,8 @@ class Engine:
 
     def forget(self, name: str) -> None:
         """Drops a deleted model's adapter from memory."""
+        if self.llama is not None:
+            self.llama.forget(name)
         with self.lock:
             adapter = self._adapters.pop(name, None)
             if adapter is None:
@@ -193,6 +262,11 @@ class Engine:
             for loaded in self._bases.values():
                 if adapter in getattr(loaded.model, "peft_config", {}):
                     loaded.model.delete_adapter(adapter)
+
+
+def _unavailable(ref: ModelRef, exc: EngineUnavailable) -> ApiError:
+    return ApiError(503, f"The model '{ref.name}' could not answer: {exc.message} Retry the "
+                    "request.", type="server_error", code="engine_unavailable")
 
 
 def _with_tokenizer(loaded, tokenizer):

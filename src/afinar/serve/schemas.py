@@ -132,8 +132,12 @@ def checkpoint_object(row: dict) -> dict:
             "step_number": row["step_number"]}
 
 
-def model_object(name: str, created: int, owned_by: str) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": owned_by}
+def model_object(name: str, created: int, owned_by: str, engine: str | None = None) -> dict:
+    """OpenAI's model object; `engine` (afinar's own field) says what answers it."""
+    entry = {"id": name, "object": "model", "created": created, "owned_by": owned_by}
+    if engine:
+        entry["engine"] = engine
+    return entry
 
 
 def page(data: list[dict], has_more: bool) -> dict:

@@ -7,12 +7,16 @@
     concurrent_jobs: 1                # training jobs run at once (one worker process each)
     max_upload_mb: 512
     adapter_cache: 8                  # fine-tuned adapters kept loaded for chat
+    engine: auto                      # llamacpp | transformers | auto (llama.cpp on a CPU)
+    llama_slots: 16                   # requests llama.cpp answers at once, per base model
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -34,6 +38,12 @@ class ServeSettings(StrictModel):
     concurrent_jobs: int = Field(1, ge=1, description="Training jobs that run at the same time.")
     max_upload_mb: float = Field(512, gt=0, description="Largest accepted upload.")
     adapter_cache: int = Field(8, ge=1, description="Fine-tuned adapters kept in memory.")
+    engine: Literal["auto", "llamacpp", "transformers"] = Field(
+        "auto", description="What answers chat: llamacpp (one llama-server child per base "
+        "model, fine-tunes as LoRA adapters chosen per request), transformers, or auto "
+        "(llama.cpp on a CPU when installed; transformers for a model it cannot run).")
+    llama_slots: int = Field(16, ge=1, le=256, description="Requests llama.cpp answers at "
+                             "once per base model (parallel slots, continuously batched).")
     held_out_fraction: float = Field(0.2, ge=0, lt=1, description="Held out from the training "
                                      "file when a job has no validation_file (0: train on all).")
     evaluate_jobs: bool = Field(True, description="Run afinar's evaluation when a job ends.")

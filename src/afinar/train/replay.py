@@ -115,6 +115,11 @@ class _CacheKey:
     def prompt_ids(self, conversation) -> list[int]:
         return self.encoder.prompt_ids([Message(m["role"], m["content"]) for m in conversation])
 
+    def engine_signature(self) -> list[str]:
+        from afinar.infer.generate import transformers_signature
+
+        return transformers_signature(self.device)
+
 
 def _without_end_of_turn(item: Tokenized, stop_ids: set[int]) -> Tokenized:
     """An answer cut at the token budget must not teach stopping there: its end-of-turn (and

@@ -98,11 +98,16 @@ def _stream(engine: Engine, model: str, conversation, settings, ident: str, crea
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     result: dict = {}
-    with engine.use(model) as loaded:
-        yield chunk({"role": "assistant", "content": ""})
-        for piece in loaded.stream(conversation, settings, result=result):
-            if piece:
-                yield chunk({"content": piece})
+    try:
+        with engine.use(model) as loaded:
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in loaded.stream(conversation, settings, result=result):
+                if piece:
+                    yield chunk({"content": piece})
+    except ApiError as exc:  # the status line is sent: the error is the stream's last event
+        error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+        yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
+        return
     completion = result.get("completion")
     yield chunk({}, completion.finish_reason if completion else "stop")
     if include_usage and completion is not None:

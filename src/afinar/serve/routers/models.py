@@ -17,11 +17,13 @@ _STARTED = 0  # base models have no creation time of ours
 
 
 @router.get("")
-def list_models(store: Store = Depends(get_store),
+def list_models(store: Store = Depends(get_store), engine: Engine = Depends(get_engine),
                 settings: ServeSettings = Depends(get_settings)):
-    data = [model_object(name, _STARTED, "afinar") for name in settings.base_models()]
+    data = [model_object(name, _STARTED, "afinar", engine.engine_of(name))
+            for name in settings.base_models()]
     data += [model_object(job["fine_tuned_model"], job["finished_at"] or job["created_at"],
-                          settings.organization) for job in store.fine_tuned_jobs()]
+                          settings.organization, engine.engine_of(job["fine_tuned_model"]))
+             for job in store.fine_tuned_jobs()]
     return page(data, False)
 
 
@@ -30,10 +32,10 @@ def retrieve(model: str, engine: Engine = Depends(get_engine),
              store: Store = Depends(get_store), settings: ServeSettings = Depends(get_settings)):
     ref = engine.resolve(model)
     if ref.adapter_kind is None:
-        return model_object(model, _STARTED, "afinar")
+        return model_object(model, _STARTED, "afinar", engine.engine_of(model))
     job = store.job_by_model(model)
     created = job["finished_at"] if job else store.checkpoint_by_model(model)["created_at"]
-    return model_object(model, created, settings.organization)
+    return model_object(model, created, settings.organization, engine.engine_of(model))
 
 
 @router.delete("/{model:path}")

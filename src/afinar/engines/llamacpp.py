@@ -1,0 +1,128 @@
+"""The llama.cpp engine: a model's answers from llama-server, with the interface of the
+transformers engine (afinar.infer.generate.LoadedModel):
+
+    model = LlamaCppModel.open(resolved, tokenizer, stop_ids, notify=print)
+    model.complete(conversations, settings)     # in parallel: one request per prompt, batched
+    model.generate(conversations, settings)     # by llama.cpp's continuous batching
+    for piece in model.stream(conversation, settings): ...
+    model.close()                                # stops the server it started
+
+Prompts are afinar's own: the run's chat template and tokenizer make the token ids, and the
+generated ids are decoded and cut (end-of-turn token, reasoning block, stop strings) by the same
+code as the transformers engine (completion_from_ids, answer_pieces).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+from afinar.data.tokenize import ChatEncoder
+from afinar.engines.gguf_cache import EngineFiles, engine_files
+from afinar.engines.llama_server import LlamaServer
+from afinar.infer.generate import (Completion, GenerationSettings, answer_pieces, as_messages,
+                                   completion_from_ids)
+from afinar.models.registry import ResolvedModel
+
+DEFAULT_SLOTS = 8
+
+
+class LlamaCppModel:
+    engine = "llama.cpp"
+
+    def __init__(self, server: LlamaServer, lora: int | None, tokenizer, stop_ids: list[int],
+                 resolved: ResolvedModel, files: EngineFiles, owns_server: bool = True,
+                 note: str = ""):
+        self.server, self.lora, self.tokenizer = server, lora, tokenizer
+        self.stop_ids, self.resolved, self.files = stop_ids, resolved, files
+        self.encoder = ChatEncoder(tokenizer, stop_ids)
+        self.name = resolved.spec
+        self.device = "cpu (llama.cpp)"
+        self.engine_note = note
+        self._owns_server = owns_server
+
+    @classmethod
+    def open(cls, resolved: ResolvedModel, tokenizer, stop_ids: list[int],
+             notify: Callable[[str], None] = print, slots: int = DEFAULT_SLOTS,
+             note: str = "") -> "LlamaCppModel":
+        """Converts what is not converted yet, then starts a llama-server for this model."""
+        files = engine_files(resolved, tokenizer, stop_ids, notify)
+        server = LlamaServer(files.model, [files.adapter] if files.adapter else [], slots=slots)
+        server.start()
+        return cls(server, 0 if files.adapter else None, tokenizer, stop_ids, resolved, files,
+                   note=note)
+
+    def describe(self) -> dict:
+        """What answered, for reports and outputs."""
+        return {"engine": self.engine, "files": self.files.how,
+                "model_file": str(self.files.model),
+                "adapter_file": str(self.files.adapter) if self.files.adapter else None,
+                "converted_by": self.files.converted_by, **(
+                    {"note": self.engine_note} if self.engine_note else {})}
+
+    def engine_signature(self) -> list[str]:
+        return [self.engine, self.files.converted_by, self.files.model.name,
+                self.files.adapter.name if self.files.adapter else "", self.files.how]
+
+    def prompt_ids(self, conversation) -> list[int]:
+        return self.encoder.prompt_ids(as_messages(conversation))
+
+    def _one(self, conversation, settings: GenerationSettings) -> Completion:
+        ids = self.prompt_ids(conversation)
+        out = self.server.complete(ids, settings.max_new_tokens, self.lora, settings.temperature,
+                                   settings.top_p, settings.seed, list(settings.stop))
+        return completion_from_ids(self.tokenizer, self.stop_ids, len(ids), out["tokens"],
+                                   settings)
+
+    def complete(self, conversations: list, settings: GenerationSettings | None = None,
+                 batch_size: int = 8, on_progress: Callable[[int], None] | None = None
+                 ) -> list[Completion]:
+        """One completion per conversation; all sent at once, llama.cpp batches them over its
+        slots (`batch_size` is the transformers engine's; the slots decide here)."""
+        settings = settings or GenerationSettings()
+        if not conversations:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(conversations), self.server.slots)) as pool:
+            futures = [pool.submit(self._one, c, settings) for c in conversations]
+            results = []
+            for future in futures:  # in input order; progress as each one is in
+                results.append(future.result())
+                if on_progress:
+                    on_progress(1)
+        return results
+
+    def generate(self, conversations: list, settings: GenerationSettings | None = None,
+                 batch_size: int = 8, on_progress: Callable[[int], None] | None = None
+                 ) -> list[str]:
+        return [c.text for c in self.complete(conversations, settings, batch_size, on_progress)]
+
+    def stream(self, conversation, settings: GenerationSettings | None = None,
+               result: dict | None = None) -> Iterator[str]:
+        settings = settings or GenerationSettings()
+        prompt = self.prompt_ids(conversation)
+        ids: list[int] = []
+
+        def texts() -> Iterator[str]:
+            shown = ""
+            for chunk in self.server.stream(prompt, settings.max_new_tokens, self.lora,
+                                            settings.temperature, settings.top_p, settings.seed,
+                                            list(settings.stop)):
+                ids.extend(chunk)
+                ended = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+                kept = ids if ended is None else ids[:ended]
+                text = self.tokenizer.decode(kept, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # a character split over tokens: wait for it
+                    yield text[len(shown):]
+                    shown = text
+                if ended is not None:
+                    del ids[ended + 1:]
+                    return  # closing the stream stops llama.cpp's generation
+
+        yield from answer_pieces(texts(), settings)
+        if result is not None:
+            result["completion"] = completion_from_ids(self.tokenizer, self.stop_ids,
+                                                       len(prompt), ids, settings)
+
+    def close(self) -> None:
+        if self._owns_server:
+            self.server.close()

@@ -1,0 +1,137 @@
+"""The llama.cpp engine (afinar.engines) against the transformers one, on real llama-server
+children built by scripts/install_llama_cpp.sh: same greedy answers by export verification's
+rule, the base converted once, adapters per run, a dead child as a clear error then restarted,
+and `auto` falling back with its reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from afinar.engines import answerer_for, open_model
+from afinar.engines.agreement import compare_engines
+from afinar.engines.llama_server import EngineUnavailable
+from afinar.errors import AfinarError
+from afinar.infer.generate import GenerationSettings, load
+from families import FAMILIES, GGUF_VARIANTS
+from family_fixtures import _one_thread, family_dir, family_run  # noqa: F401,F811 (fixtures)
+
+QUIET = lambda message: None  # noqa: E731
+PROMPTS = [[{"role": "user", "content": f"pedido {i} llegó roto"}] for i in (3, 17, 41, 99)] + [
+    [{"role": "system", "content": "Responde breve."}, {"role": "user", "content": text}]
+    for text in ("¿Dónde está mi paquete?", "hello world", "Quiero cambiar la dirección",
+                 "Factura duplicada")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(evaluated_run):
+    return str(evaluated_run[0].run_dir)
+
+
+def test_same_greedy_answers_as_transformers_and_base_converted_once(tiny_run):
+    messages: list[str] = []
+    llama = open_model(tiny_run, "llamacpp", notify=messages.append)
+    try:
+        assert llama.engine == "llama.cpp" and llama.files.how == "base model + LoRA adapter"
+        loaded = load(tiny_run, notify=QUIET)
+        agreement = compare_engines(loaded, llama, PROMPTS, max_new_tokens=24)
+        assert agreement.passed, agreement.partings
+        assert agreement.summary()["identical"] >= len(PROMPTS) - 2, agreement.partings
+        # Texts through complete(): what the transformers engine returns for the same prompts.
+        settings = GenerationSettings(max_new_tokens=24)
+        ours, theirs = llama.complete(PROMPTS, settings), loaded.complete(PROMPTS, settings)
+        same = sum(a.text == b.text for a, b in zip(ours, theirs))
+        assert same == agreement.summary()["identical"]
+    finally:
+        llama.close()
+    assert not llama.server.alive()
+    # The base GGUF and the adapter are cached: a second start converts nothing.
+    again: list[str] = []
+    second = open_model(tiny_run, "llamacpp", notify=again.append)
+    second.close()
+    assert not [m for m in again if "converting" in m], again
+    assert second.files == llama.files and llama.files.model.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [GGUF_VARIANTS[n].name if n in GGUF_VARIANTS else n
+                                  for n in FAMILIES])
+def test_every_family_answers_alike_on_both_engines(name, family_run):
+    run = str(family_run(name))
+    llama = open_model(run, "llamacpp", notify=QUIET)
+    try:
+        agreement = compare_engines(load(run, notify=QUIET), llama, PROMPTS[:4], max_new_tokens=16)
+    finally:
+        llama.close()
+    assert agreement.passed, (name, agreement.partings)
+
+
+def test_end_of_run_evaluation_says_which_engine_answered(evaluated_run):
+    import json
+
+    report = json.loads((evaluated_run[0].run_dir / "report.json").read_text())
+    assert report["engine"]["model"]["engine"] == "llama.cpp"
+    assert report["engine"]["baseline"]["files"] == "base model"
+    assert report["engine"]["model"]["adapter_file"].endswith(".gguf")
+
+
+def test_a_dead_child_is_a_clear_error_and_the_next_request_restarts_it(tiny_run):
+    model = open_model(tiny_run, "llamacpp", notify=QUIET, slots=2)
+    try:
+        pid = model.server.pid
+        failure: list[BaseException] = []
+
+        def long_answer():
+            try:
+                model.complete([PROMPTS[0]], GenerationSettings(max_new_tokens=100_000))
+            except BaseException as exc:  # noqa: BLE001 - what the caller would get
+                failure.append(exc)
+        worker = threading.Thread(target=long_answer)
+        worker.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "a request to a dead child must not hang"
+        assert failure and isinstance(failure[0], EngineUnavailable)
+        assert "died" in failure[0].message and "started again" in failure[0].message
+        answer = model.complete([PROMPTS[1]], GenerationSettings(max_new_tokens=8))[0]
+        assert answer.completion_tokens >= 1 and model.server.restarts == 1
+        assert model.server.pid != pid
+    finally:
+        model.close()
+
+
+def test_auto_falls_back_with_its_reason_and_llamacpp_refuses(tiny_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("AFINAR_LLAMA_SERVER", str(tmp_path / "no-llama-server"))
+    model = open_model(tiny_run, "auto", notify=QUIET)
+    assert model.engine == "transformers" and "llama-server is not installed" in model.engine_note
+    assert answerer_for(model, "auto") is model
+    with pytest.raises(AfinarError, match="llama-server is not installed") as refused:
+        open_model(tiny_run, "llamacpp", notify=QUIET)
+    assert "install_llama_cpp.sh" in refused.value.hint
+    with pytest.raises(AfinarError, match="unknown engine"):
+        open_model(tiny_run, "vllm", notify=QUIET)
+    # The CLI says it in one line, exit 1, no traceback.
+    env = {**os.environ, "AFINAR_LLAMA_SERVER": str(tmp_path / "no-llama-server")}
+    done = subprocess.run([str(Path(sys.executable).parent / "afinar"), "generate", tiny_run,
+                           "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                           "--engine", "llamacpp"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 1 and "llama-server is not installed" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_a_model_llama_cpp_cannot_run_answers_with_transformers_under_auto(family_run):
+    """Mistral v0.1's sliding window: llama.cpp would not apply it (export refuses it too)."""
+    run = str(family_run("mistral"))
+    model = open_model(run, "auto", notify=QUIET)
+    assert model.engine == "transformers" and "sliding-window" in model.engine_note
+    with pytest.raises(AfinarError, match="sliding-window"):
+        open_model(run, "llamacpp", notify=QUIET)
