@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -79,6 +82,58 @@ def test_checkpoints_results_file_and_chat_with_them(finished_job, client):
             model=model, messages=[{"role": "user", "content": "pedido 3 llegó roto"}],
             max_tokens=8, temperature=0)
         assert answer.model == model and answer.usage.completion_tokens <= 8
+
+
+def test_fine_tunes_answer_through_llama_cpp_adapters_chosen_per_request(finished_job, client,
+                                                                       server):
+    """One llama-server child for the base "tiny": the fine-tune and its checkpoint are LoRA
+    adapters on it, chosen per request; answers equal those of the run opened directly on the
+    same engine, also when the three models are asked at once."""
+    import psutil
+
+    from afinar.engines import open_model
+
+    listed = {m.id: m.model_extra.get("engine") for m in client.models.list()}
+    assert listed["tiny"] == listed[finished_job.fine_tuned_model] == "llama.cpp"
+    checkpoint = list(client.fine_tuning.jobs.checkpoints.list(finished_job.id))[-1]
+    models = ["tiny", finished_job.fine_tuned_model, checkpoint.fine_tuned_model_checkpoint]
+    question = [{"role": "user", "content": "pedido 3 llegó roto"}]
+
+    def ask(model: str, max_tokens: int = 12) -> str:
+        return client.chat.completions.create(model=model, messages=question, temperature=0,
+                                              max_tokens=max_tokens).choices[0].message.content
+    alone = [ask(m) for m in models]
+    run = open_model(str(server.folder / "state" / "runs" / finished_job.id), "llamacpp",
+                     notify=lambda message: None)
+    try:
+        from afinar.infer.generate import GenerationSettings
+
+        direct = run.complete([question], GenerationSettings(max_new_tokens=12))[0].text
+    finally:
+        run.close()
+    assert alone[1] == direct and alone[0] != alone[1]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, models * 2))
+    assert together == alone * 2
+    # A child killed mid-answer: that request gets a 503 at once, the next one a restarted child.
+    children = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if p.name() == "llama-server"]
+    assert len(children) == 1, "one child for the base and all its adapters"
+    failed: list[BaseException] = []
+
+    def long_answer():
+        try:
+            ask(models[1], max_tokens=100_000)
+        except openai.APIStatusError as exc:
+            failed.append(exc)
+    worker = threading.Thread(target=long_answer)
+    worker.start()
+    time.sleep(0.5)
+    children[0].kill()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and failed and failed[0].status_code == 503
+    assert failed[0].body["code"] == "engine_unavailable"
+    assert ask(models[1]) == alone[1]
 
 
 def test_a_bad_training_file_fails_the_job_naming_the_line(client, tmp_path):

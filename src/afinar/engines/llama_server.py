@@ -255,8 +255,11 @@ class LlamaServer:
 
     def stream(self, prompt_ids: list[int], n_predict: int, lora: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               stop: list[str] | None = None) -> Iterator[list[int]]:
-        """The generated token ids, a few at a time, as llama.cpp produces them."""
+               stop: list[str] | None = None) -> Iterator[dict]:
+        """llama.cpp's chunks as it produces them: "content" (text: llama-server holds a token
+        back until its UTF-8 character is complete, and then sends the text without that
+        token's id, so ids are not reliable here), and in the last one "stop": true with
+        "tokens_predicted" and "stop_type" ("eos", "word", "limit")."""
         client = self._ready_client()
         body = self._body(prompt_ids, n_predict, lora, temperature, top_p, seed, stop or [], True)
         try:
@@ -267,8 +270,7 @@ class LlamaServer:
                     if not line.startswith("data: "):
                         continue
                     chunk = json.loads(line[6:])
-                    if chunk.get("tokens"):
-                        yield chunk["tokens"]
+                    yield chunk
                     if chunk.get("stop"):
                         return
         except httpx.HTTPError as exc:

@@ -98,30 +98,36 @@ class LlamaCppModel:
 
     def stream(self, conversation, settings: GenerationSettings | None = None,
                result: dict | None = None) -> Iterator[str]:
+        """The answer's text as llama.cpp sends it (whole UTF-8 characters; the end-of-turn
+        token's text is never sent); `result["completion"]` at the end, counted by llama.cpp."""
         settings = settings or GenerationSettings()
         prompt = self.prompt_ids(conversation)
-        ids: list[int] = []
+        last: dict = {}
 
         def texts() -> Iterator[str]:
-            shown = ""
+            started = False
             for chunk in self.server.stream(prompt, settings.max_new_tokens, self.lora,
                                             settings.temperature, settings.top_p, settings.seed,
                                             list(settings.stop)):
-                ids.extend(chunk)
-                ended = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
-                kept = ids if ended is None else ids[:ended]
-                text = self.tokenizer.decode(kept, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # a character split over tokens: wait for it
-                    yield text[len(shown):]
-                    shown = text
-                if ended is not None:
-                    del ids[ended + 1:]
-                    return  # closing the stream stops llama.cpp's generation
+                last["chunks"] = last.get("chunks", 0) + 1
+                text = chunk.get("content") or ""
+                if not started:  # as the transformers engine's answers: no leading space
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield text
+                if chunk.get("stop"):
+                    last.update(chunk)
 
-        yield from answer_pieces(texts(), settings)
+        pieces = []
+        for piece in answer_pieces(texts(), settings):
+            pieces.append(piece)
+            yield piece
         if result is not None:
-            result["completion"] = completion_from_ids(self.tokenizer, self.stop_ids,
-                                                       len(prompt), ids, settings)
+            # Cut short by a stop string here: the chunks seen (one token each, or more).
+            count = int(last.get("tokens_predicted") or last.get("chunks", 0))
+            finish = "length" if last.get("stop_type") == "limit" else "stop"
+            result["completion"] = Completion("".join(pieces).strip(), len(prompt), count, finish)
 
     def close(self) -> None:
         if self._owns_server:
