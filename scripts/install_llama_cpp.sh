@@ -37,7 +37,7 @@ fi
 
 share="$venv/share/llama.cpp-$want"
 work=""
-cleanup() { [ -n "$work" ] && rm -rf "$work"; }
+cleanup() { if [ -n "$work" ]; then rm -rf "$work"; fi; }
 trap cleanup EXIT
 top="llama_cpp_python-$want"
 src="$top/vendor/llama.cpp"

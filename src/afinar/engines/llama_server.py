@@ -77,7 +77,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -137,7 +137,7 @@ class LlamaServer:
             return
         if self._process is not None:
             self.restarts += 1
-        port = _free_port()
+        port = free_port()
         self._log = tempfile.NamedTemporaryFile(prefix="afinar-llama-server-", suffix=".log",
                                                 delete=False)
         self._process = subprocess.Popen(self.command(port), stdout=self._log,
