@@ -339,7 +339,8 @@ def serve_load(n_models: int, clients: int, requests: int, max_tokens: int, smok
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("decode", "eval", "serve", "all"))
+    parser.add_argument("part", nargs="?", default="all",
+                        choices=("decode", "eval", "serve", "all"))
     parser.add_argument("--run", help="a run directory (decode: default the embedded model; "
                         "eval: required)")
     parser.add_argument("--prompts", type=int, default=8)

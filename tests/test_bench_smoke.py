@@ -260,11 +260,29 @@ def check_plan(r: dict) -> None:
     assert [c["quantization"] for c in r["cases"]] == ["none", "4bit"]
 
 
+def check_engines(r: dict) -> None:
+    assert r["benchmark"] == "engines" and r["smoke"] is True
+    decode = r["decode"]
+    for side in ("afinar_llamacpp", "llama_server_direct", "afinar_transformers"):
+        _positive(decode[side]["tokens_per_s"])
+    _positive(decode["afinar_llamacpp_over_direct"])
+    assert decode["agreement"]["prompts"] == 2
+    for engine, name in (("llamacpp", "llama.cpp"), ("transformers", "transformers")):
+        assert r["eval"][engine]["engine"]["model"]["engine"] == name
+        _finite(r["eval"][engine]["wall_s"])
+        serve = r["serve"][engine]
+        assert serve["errors"] == 0 and serve["served"] == serve["requests"] == 4
+        assert serve["engine_in_models"] == name
+        _positive(serve["tokens_per_s"])
+    assert len(r["serve"]["fine_tuned_models"]) == 2
+
+
 # script -> (takes --model, checks). Every script in bench/ must be here.
 BENCHES = {
     "bench_convert.py": (True, check_convert),
     "bench_defaults.py": (True, check_defaults),
     "bench_dpo.py": (True, check_dpo),
+    "bench_engines.py": (True, check_engines),
     "bench_eval.py": (True, check_eval),
     "bench_export.py": (True, check_export),
     "bench_frozen_dtype.py": (True, check_frozen_dtype),

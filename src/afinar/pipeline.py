@@ -27,6 +27,7 @@ from typing import Callable
 
 from afinar import rundir
 from afinar.config import TrainConfig
+from afinar.engines import replay_answerer
 from afinar.errors import AfinarError
 from afinar.events import Event, Listener, Log, RunDir, Step
 from afinar.train.control import Control, Stopped
@@ -64,7 +65,8 @@ def fine_tune(config: TrainConfig, on_event: Listener | None = None, resume: boo
         # the winner, and its saved config says so (numbers, tune: false).
         config, _ = tune_config(config, run, on_event=events if is_main_rank() else None)
     try:
-        result = train_recipe(config, events, resume, trackers, control)
+        result = train_recipe(config, events, resume, trackers, control,
+                              base_answerer=replay_answerer(config))
     except BaseException as exc:
         trackers.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         if is_main_rank() and (run / rundir.RUN_FILE).is_file():

@@ -336,13 +336,14 @@ def _trial_events(emit: Listener, number: int, trials: int) -> Listener:
 
 def _run_trial(config: TrainConfig, number: int, objective: str, checked: list[Example],
                checks, on_event: Listener) -> dict:
+    from afinar.engines import replay_answerer
     from afinar.train.recipe import train
 
     started = time.perf_counter()
-    result = train(config, on_event=on_event)
+    result = train(config, on_event=on_event, base_answerer=replay_answerer(config))
     summary = result.summary
     _free_memory()  # the trial's model and optimizer, before the next one loads
-    rate = (_check_pass_rate(result.run_dir, checked, checks, config.device)
+    rate = (_check_pass_rate(result.run_dir, checked, checks, config.device, config.engine)
             if objective == "check_pass_rate" else None)
     for name in _WEIGHTS:  # the trial is measured; its weights would only fill the disk
         shutil.rmtree(result.run_dir / name, ignore_errors=True)
@@ -361,16 +362,22 @@ def _run_trial(config: TrainConfig, number: int, objective: str, checked: list[E
             "run_dir": f"{TUNE_DIR}/{result.run_dir.name}"}
 
 
-def _check_pass_rate(run: Path, examples: list[Example], checks, device: str) -> float:
-    """Greedy answers of the trial's best weights, as the end-of-run evaluation makes them."""
+def _check_pass_rate(run: Path, examples: list[Example], checks, device: str,
+                     engine: str = "auto") -> float:
+    """Greedy answers of the trial's best weights, as the end-of-run evaluation makes them (on
+    the engine it uses: llama.cpp answers the prompts in parallel)."""
+    from afinar.engines import open_model
     from afinar.evaluation.checks import run_check
     from afinar.evaluation.evaluator import answer_budget
-    from afinar.infer.generate import GenerationSettings, load
+    from afinar.infer.generate import GenerationSettings
 
-    loaded = load(str(run), device=device, notify=lambda message: None)
-    settings = GenerationSettings(max_new_tokens=answer_budget(loaded.tokenizer, examples))
-    answers = loaded.generate([list(ex.prompt_messages()) for ex in examples], settings, 16)
-    del loaded
+    model = open_model(str(run), engine, device=device, notify=lambda message: None)
+    try:
+        settings = GenerationSettings(max_new_tokens=answer_budget(model.tokenizer, examples))
+        answers = model.generate([list(ex.prompt_messages()) for ex in examples], settings, 16)
+    finally:
+        model.close()
+    del model
     _free_memory()
     per_example = []
     for ex, answer in zip(examples, answers):

@@ -237,3 +237,26 @@ def test_auto_learning_rate_follows_model_size_and_epochs_the_data():
     assert auto_epochs(44) == 5 and auto_epochs(144) == 2 and auto_epochs(5) == 25
     assert auto_epochs(20_000) == 1
     assert auto_epochs(1000, tokens_per_epoch=15_000_000) == 1
+
+
+def test_the_replay_set_is_answered_by_the_runs_engine_and_cached_per_engine(
+        tmp_path, talking_model_dir, one_format_file, monkeypatch):
+    """llama.cpp answers the base model's replay prompts (in parallel); its answers are cached
+    under its own key, so transformers' are never mistaken for them, nor the other way."""
+    from afinar.engines import base_answerer
+    from afinar.pipeline import fine_tune
+
+    monkeypatch.setenv("AFINAR_HOME", str(tmp_path / "home"))
+    planned = base_answerer(str(talking_model_dir), "llamacpp")
+    assert planned.signature[0] == "llama.cpp" and planned.signature[2].endswith(".gguf")
+    assert base_answerer(str(talking_model_dir), "transformers") is None
+    runs = {}
+    for name, engine in (("llama", "llamacpp"), ("again", "llamacpp"), ("tf", "transformers")):
+        result = fine_tune(_config(one_format_file, talking_model_dir, tmp_path / name,
+                                   engine=engine))
+        runs[name] = json.loads((result.run_dir / rundir.DATA_REPORT).read_text())["preserve"]
+    assert runs["llama"]["generated"] > 0 and runs["llama"]["examples"] > 0
+    assert runs["again"]["generated"] == 0 and runs["again"]["from_cache"] == \
+        runs["llama"]["generated"]
+    assert runs["tf"]["from_cache"] == 0 and runs["tf"]["generated"] == runs["llama"]["generated"]
+    assert len(list((tmp_path / "home" / "cache" / "answers").glob("*.json"))) == 2

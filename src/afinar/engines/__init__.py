@@ -17,6 +17,7 @@ complete/generate/stream/prompt_ids, and close().
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 from afinar.errors import AfinarError
@@ -110,6 +111,52 @@ def open_model(spec: str, engine: str = "auto", device: str = "auto", notify: Ca
         model.engine_note = why
         return model
     return _open_llama(resolved, tokenizer, stop_ids, engine, notify, slots, fallback)
+
+
+@dataclass(frozen=True)
+class BaseAnswerer:
+    """How a base model will answer, known before anything is converted or started: the
+    preserve replay set looks its cached answers up under `signature` and opens the model only
+    for those it lacks."""
+    spec: str
+    engine: str
+    device: str
+    signature: tuple[str, ...]
+
+    def open(self, notify: Callable = print):
+        return open_model(self.spec, self.engine, self.device, notify)
+
+
+def base_answerer(spec: str, engine: str = "auto", device: str = "auto") -> BaseAnswerer | None:
+    """The llama.cpp engine for a base model when `engine` picks it; None: transformers."""
+    from afinar.engines.gguf_cache import base_gguf_path
+    from afinar.export.convert import find_converter
+    from afinar.models.registry import resolve_model
+
+    check_engine(engine)
+    if engine == "transformers" or (engine == "auto" and auto_reason(device)):
+        return None
+    try:
+        resolved = resolve_model(spec, notify=lambda message: None)
+        path = base_gguf_path(resolved)
+    except (AfinarError, OSError, ValueError):  # not local, not convertible: transformers
+        if engine == "llamacpp":
+            raise
+        return None
+    if resolved.adapter is not None:
+        return None  # a run, not a base model
+    return BaseAnswerer(spec, "llamacpp", device, ("llama.cpp", find_converter().version,
+                                                   path.name, "", "base model"))
+
+
+def replay_answerer(config) -> BaseAnswerer | None:
+    """What answers a training run's preserve replay set: the run's engine, in a single
+    process (each rank of a multi-process run builds the set; they keep transformers)."""
+    import os
+
+    if not config.preserve_on() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return base_answerer(config.model, config.engine, config.device)
 
 
 def answerer_for(loaded, engine: str = "auto", notify: Callable = print,

@@ -128,13 +128,20 @@ def _convert_loaded(model, tokenizer, stop_ids, resolved, target: Path, kind: st
     return target
 
 
-def base_gguf(resolved: ResolvedModel, tokenizer, stop_ids, notify: Callable[[str], None]) -> Path:
-    """The weights the run's adapter applies to, as GGUF (converted at the first use)."""
+def base_gguf_path(resolved: ResolvedModel) -> Path:
+    """Where the GGUF of what the run's adapter applies to is (or will be) cached; AfinarError
+    when llama.cpp cannot run that model."""
     from transformers import AutoConfig
 
     check_model_config(AutoConfig.from_pretrained(resolved.weights))  # refuse before any work
     converter, kind = find_converter(), gguf_type()
-    target = cache_dir() / "base" / f"{_base_key(resolved, kind, converter.version)}-{kind}.gguf"
+    return cache_dir() / "base" / f"{_base_key(resolved, kind, converter.version)}-{kind}.gguf"
+
+
+def base_gguf(resolved: ResolvedModel, tokenizer, stop_ids, notify: Callable[[str], None]) -> Path:
+    """The weights the run's adapter applies to, as GGUF (converted at the first use)."""
+    target = base_gguf_path(resolved)
+    kind = target.stem.rsplit("-", 1)[-1]
     with _locked(target):
         if target.is_file():
             return target

@@ -75,16 +75,19 @@ class TrainResult:
 
 
 def train(config: TrainConfig, on_event: Listener | None = None, resume: bool = False,
-          trackers: Trackers | None = None, control: Control | None = None) -> TrainResult:
+          trackers: Trackers | None = None, control: Control | None = None,
+          base_answerer=None) -> TrainResult:
     """Fine-tunes `config.model` on `config.data`; returns the run directory and a summary.
 
     A run that fails or is interrupted records that in run.json (status failed/interrupted), so
     nothing half-trained looks finished; `resume=True` continues from its last checkpoint.
     `trackers`: the tracking tools the run reports to (the pipeline's; none by default).
     `control`: asked after every step whether to pause or cancel (train/control.py).
+    `base_answerer`: the engine that answers the preserve replay set (the pipeline passes
+    afinar.engines.base_answerer's); None: transformers.
     """
     s = Session(settle_config(config, resume), resume, on_event or (lambda event: None),
-                trackers or Trackers(), control or Control())
+                trackers or Trackers(), control or Control(), base_answerer=base_answerer)
     try:
         prepare(s)
         plan(s)
@@ -151,7 +154,8 @@ def prepare(s: Session) -> None:
     if config.preserve_on():
         s.replay = build_replay(config, s.resolved, encoder, s.data.train_examples, s.data.train,
                                 s.device, notify=s.say, on_progress=lambda done, total: s.emit(
-                                    EvalProgress("preserve: base answers", done, total)))
+                                    EvalProgress("preserve: base answers", done, total)),
+                                answerer=s.base_answerer)
         s.data.report["preserve"] = s.replay.info
         s.say(describe_replay(s.replay.info))
 

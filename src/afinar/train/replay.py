@@ -108,9 +108,10 @@ class _CacheKey:
     """What the answer cache needs of a model (prompt ids, fingerprint parts) without loading
     its weights: a cache hit costs a tokenizer, not a model."""
 
-    def __init__(self, resolved, encoder: ChatEncoder, device):
+    def __init__(self, resolved, encoder: ChatEncoder, device, signature=None):
         self.resolved, self.encoder, self.device = resolved, encoder, device
         self.stop_ids = sorted(encoder.stop_ids)
+        self.signature = signature  # the engine's (afinar.engines.BaseAnswerer); None: transformers
 
     def prompt_ids(self, conversation) -> list[int]:
         return self.encoder.prompt_ids([Message(m["role"], m["content"]) for m in conversation])
@@ -118,7 +119,7 @@ class _CacheKey:
     def engine_signature(self) -> list[str]:
         from afinar.infer.generate import transformers_signature
 
-        return transformers_signature(self.device)
+        return list(self.signature) if self.signature else transformers_signature(self.device)
 
 
 def _without_end_of_turn(item: Tokenized, stop_ids: set[int]) -> Tokenized:
@@ -143,7 +144,10 @@ def _trains_with_system(encoder: ChatEncoder) -> bool:
 
 def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Example],
                  task_items: list[Tokenized], device, notify: Callable[[str], None] = print,
-                 on_progress: Callable[[int, int], None] | None = None) -> ReplaySet:
+                 on_progress: Callable[[int, int], None] | None = None,
+                 answerer=None) -> ReplaySet:
+    """`answerer`: the engine the base model answers with (afinar.engines.BaseAnswerer: its
+    `signature` keys the cache, `open()` starts it); None: transformers in this process."""
     from afinar.infer.answer_cache import AnswerCache
     from afinar.infer.generate import GenerationSettings
 
@@ -157,7 +161,8 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
         conversations = [(v, m) for v, m in conversations if m[0]["role"] != "system"]
     prompts = [messages for _, messages in conversations]
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
-    cache = AnswerCache(_CacheKey(resolved, encoder, device), settings)
+    cache = AnswerCache(_CacheKey(resolved, encoder, device,
+                                  answerer.signature if answerer else None), settings)
     answers = cache.lookup(prompts)
     todo = [i for i, a in enumerate(answers) if a is None]
     if todo:
@@ -165,11 +170,15 @@ def build_replay(config, resolved, encoder: ChatEncoder, train_examples: list[Ex
 
         notify(f"preserve: the base model answers {len(todo)} general prompts once (cached "
                "for later runs of this base model)")
-        model = load(config.model, device=str(device), notify=notify)
+        model = (answerer.open(notify) if answerer else
+                 load(config.model, device=str(device), notify=notify))
         progress = (running_count(lambda done: on_progress(done, len(todo)))
                     if on_progress else None)
-        new = model.generate([prompts[i] for i in todo], settings, batch_size=16,
-                             on_progress=progress)
+        try:
+            new = model.generate([prompts[i] for i in todo], settings, batch_size=16,
+                                 on_progress=progress)
+        finally:
+            model.close()
         del model
         for i, answer in zip(todo, new):
             answers[i] = answer

@@ -64,6 +64,7 @@ class Session:
     emit: Listener
     trackers: Trackers
     control: Control = field(default_factory=Control)  # asked after every step
+    base_answerer: Any = None  # what answers the preserve replay set (None: transformers)
     run: Path = Path()
     main: bool = True
     started: bool = False  # run.json exists: a failure from here on is recorded there
