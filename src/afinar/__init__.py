@@ -3,8 +3,9 @@
     import afinar
     report = afinar.validate("data.jsonl")
     result = afinar.fine_tune(afinar.TrainConfig(data="data.jsonl"))   # afinar.train: the same
-    model = afinar.load(result.run_dir)
+    model = afinar.load(result.run_dir)                      # transformers, in this process
     model.generate([[{"role": "user", "content": "Hola"}]])
+    model = afinar.open_model(result.run_dir, engine="auto") # llama.cpp on a CPU; .close()
     report = afinar.evaluate(result.run_dir)          # base vs tuned; report.json/.html
     afinar.export(result.run_dir, to="gguf", quant="q8_0")   # verified against the run
 """
@@ -38,8 +39,8 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "fine_tune", "train", "load", "validate", "evaluate", "export",
-           "GenerationSettings", "AfinarError"]
+__all__ = ["TrainConfig", "fine_tune", "train", "load", "open_model", "validate", "evaluate",
+           "export", "GenerationSettings", "AfinarError"]
 
 
 def __getattr__(name: str):
@@ -58,6 +59,9 @@ def __getattr__(name: str):
     if name == "load":
         from afinar.infer.generate import load
         return load
+    if name == "open_model":
+        from afinar.engines import open_model
+        return open_model
     if name == "GenerationSettings":
         from afinar.infer.generate import GenerationSettings
         return GenerationSettings
