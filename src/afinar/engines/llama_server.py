@@ -100,7 +100,9 @@ class LlamaServer:
     model: Path
     adapters: list[Path] = field(default_factory=list)
     slots: int = 8
-    context_per_slot: int = 4096
+    # Tokens of KV cache shared by all slots (llama.cpp's unified KV: one long conversation may
+    # use it all). 0: 8,192, or 1,024 per slot when there are more than 8 slots.
+    context: int = 0
     threads: int = 0  # 0: physical cores
     request_timeout_s: float = 600.0
 
@@ -117,7 +119,7 @@ class LlamaServer:
         args = [str(require_server_binary()), "--model", str(self.model),
                 "--host", "127.0.0.1", "--port", str(port),
                 "--parallel", str(self.slots), "--kv-unified",
-                "--ctx-size", str(self.slots * self.context_per_slot),
+                "--ctx-size", str(self.context or max(8192, 1024 * self.slots)),
                 "--threads", str(self.threads or default_threads()),
                 "--no-webui", "--no-warmup", "--log-disable"]
         if not use_repacked_weights():
@@ -135,8 +137,9 @@ class LlamaServer:
     def _start_locked(self) -> None:
         if self._process is not None and self._process.poll() is None:
             return
-        if self._process is not None:
+        if self._process is not None:  # it died: start again, leaving nothing of it behind
             self.restarts += 1
+            self._kill_locked()
         port = free_port()
         self._log = tempfile.NamedTemporaryFile(prefix="afinar-llama-server-", suffix=".log",
                                                 delete=False)
