@@ -67,21 +67,25 @@ def _direct_server(files, threads: int):
     """The same llama-server binary, started by hand: no afinar code between client and it."""
     import httpx
 
-    from afinar.engines.llama_server import free_port, require_server_binary
+    from afinar.engines.llama_server import (child_environment, free_port,
+                                             require_server_binary)
 
     port = free_port()
     command = [str(require_server_binary()), "-m", str(files.model), "--port", str(port),
                "-t", str(threads), "-np", "1", "-c", "4096", "--no-webui"]
     if files.adapter:
         command += ["--lora", str(files.adapter)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # As a user would start it: not with the OMP_WAIT_POLICY afinar sets for torch.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=child_environment())
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
     for _ in range(600):
         try:
             if client.get("/health").status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)  # 503 while the model loads
     return process, client
 
 
@@ -99,8 +103,15 @@ def decode(spec: str, n_prompts: int, max_new: int) -> dict:
 
     prompts = held_out_prompts(n_prompts)
     settings = GenerationSettings(max_new_tokens=max_new)
+    from afinar.engines.gguf_cache import cache_dir
+
+    cached_before = sorted(p.name for p in cache_dir().rglob("*.gguf"))
+    started = time.perf_counter()
     llama = open_model(spec, "llamacpp", notify=QUIET, slots=1)
     result: dict = {"model": spec, "prompts": len(prompts), "max_new_tokens": max_new,
+                    "first_open_s": time.perf_counter() - started,
+                    "first_open_converted": sorted(p.name for p in cache_dir().rglob("*.gguf"))
+                    != cached_before,
                     "gguf": {"model": llama.files.model.name, "how": llama.files.how,
                              "adapter": llama.files.adapter.name if llama.files.adapter else None,
                              "converted_by": llama.files.converted_by}}

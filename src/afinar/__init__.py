@@ -20,8 +20,12 @@ import os as _os
 # other programs) spinning threads steal each other's cores. Measured on 2 cores, training and
 # generating at once, all threads each: training kept 14% of its solo tokens/s and generation
 # 12% with libgomp's default policy, 56% and 81% with this one (bench/bench_share_cores.py).
-# It must be set before torch loads OpenMP; a user's own setting wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# It must be set before torch loads OpenMP; a user's own setting wins. AFINAR_SET_OMP_WAIT_POLICY
+# marks it as afinar's (child processes inherit both), so that llama-server children get the
+# policy the user had instead (afinar.engines.llama_server.child_environment).
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    _os.environ["AFINAR_SET_OMP_WAIT_POLICY"] = "1"
 
 
 def _drop_bitsandbytes_kernels_notice(record) -> bool:
