@@ -175,7 +175,7 @@ def _llama_cpp_python(files, ids, max_new: int) -> dict:
 
 
 # --- eval -------------------------------------------------------------------------------------
-FIGURES = ("adherence", "exact", "leak", "pass", "loss", "answered", "regress")
+FIGURES = ("adherence", "exact", "match", "rouge", "leak", "pass", "loss", "answered", "regress")
 
 
 def _figures(summary: dict, prefix: str = "") -> dict:
@@ -281,7 +281,7 @@ def _load(base_url: str, models: list[str], clients: int, requests: int, max_tok
                     tokens.append(answer.usage.completion_tokens)
             except Exception as exc:  # noqa: BLE001 - counted, reported
                 with lock:
-                    errors.append(repr(exc)[:200])
+                    errors.append(repr(exc)[:400])
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
     for thread in threads:
@@ -343,6 +343,10 @@ def serve_load(n_models: int, clients: int, requests: int, max_tokens: int, smok
                               **_load(url, models, clients, requests, max_tokens)}
         finally:
             _stop(process)
+        if result[engine]["errors"]:  # the server's log says why (llama-server's last lines)
+            kept = ROOT / "bench" / "results" / f"engines-serve-{engine}-errors.log"
+            kept.write_text(log.read_text(errors="replace")[-20000:])
+            result[engine]["server_log"] = str(kept.relative_to(ROOT))
     result["llamacpp_over_transformers_tokens_per_s"] = (
         result["llamacpp"]["tokens_per_s"] / result["transformers"]["tokens_per_s"])
     return result

@@ -23,6 +23,7 @@ EngineUnavailable (the server turns it into a 503), never a hang: each request h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -133,7 +134,8 @@ class LlamaServer:
                 "--parallel", str(self.slots), "--kv-unified",
                 "--ctx-size", str(self.context or max(8192, 1024 * self.slots)),
                 "--threads", str(self.threads or default_threads()),
-                "--no-webui", "--no-warmup", "--log-disable"]
+                "--no-webui", "--no-warmup",
+                "--log-verbosity", "2"]  # errors and warnings: what a failure report needs
         if not use_repacked_weights():
             args.append("--no-repack")
         for adapter in self.adapters:
@@ -250,8 +252,11 @@ class LlamaServer:
             pass
         state = (f"died (exit status {process.returncode})" if not self.alive()
                  else f"did not answer ({str(exc).rstrip('.')})")
-        return EngineUnavailable(f"llama-server ({self.model.name}) {state}; it is started again "
-                                 "for the next request")
+        failure = EngineUnavailable(f"llama-server ({self.model.name}) {state}; it is started "
+                                    "again for the next request")
+        failure.log_tail = self.log_tail(2000)  # for the server's log, not for API clients
+        logging.getLogger("afinar.engines").warning("%s\n%s", failure.message, failure.log_tail)
+        return failure
 
     def complete(self, prompt_ids: list[int], n_predict: int, lora: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
