@@ -101,6 +101,9 @@ def test_the_playground_streams_two_models_side_by_side(page, dash, tmp_path):
         box.set_checked(box.get_attribute("value") in ("tiny", job.fine_tuned_model))
     page.fill("#prompt", "pedido 3 llegó roto")
     page.fill("#max-tokens", "12")
+    # Sampled: the random base model's greedy answer may be blank (on llama.cpp's bf16 weights
+    # its near-flat logits pick "\n" twelve times), and the page shows a stripped answer.
+    page.fill("#temperature", "1")
     page.click("#run")
     page.wait_for_function("document.querySelectorAll('.column .answer').length === 2 && "
                            "[...document.querySelectorAll('.column .answer')]"

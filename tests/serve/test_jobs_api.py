@@ -103,6 +103,7 @@ def test_fine_tunes_answer_through_llama_cpp_adapters_chosen_per_request(finishe
         return client.chat.completions.create(model=model, messages=question, temperature=0,
                                               max_tokens=max_tokens).choices[0].message.content
     alone = [ask(m) for m in models]
+    first = [ask(m, 3) for m in models]  # the trained format's first tokens: no near-tie there
     run = open_model(str(server.folder / "state" / "runs" / finished_job.id), "llamacpp",
                      notify=lambda message: None)
     try:
@@ -112,11 +113,14 @@ def test_fine_tunes_answer_through_llama_cpp_adapters_chosen_per_request(finishe
     finally:
         run.close()
     assert alone[1] == direct and alone[0] != alone[1]
+    # Asked at once, each request gets its own adapter (3 tokens: answers batched together may
+    # part at a near-tie further on, docs/serving.md).
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(ask, models * 2))
-    assert together == alone * 2
+        together = list(pool.map(lambda m: ask(m, 3), models * 2))
+    assert together == first * 2 and len(set(first)) > 1
     # A child killed mid-answer: that request gets a 503 at once, the next one a restarted child.
-    children = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+    # The API process's own children (workers' evaluations start theirs, further down).
+    children = [p for p in psutil.Process(server.proc.pid).children()
                 if p.name() == "llama-server"]
     assert len(children) == 1, "one child for the base and all its adapters"
     failed: list[BaseException] = []
