@@ -100,12 +100,15 @@ def test_a_dead_child_is_a_clear_error_and_the_next_request_restarts_it(tiny_run
         pid = model.server.pid
         failure: list[BaseException] = []
 
-        def long_answer():
+        def answer():
             try:
-                model.complete([PROMPTS[0]], GenerationSettings(max_new_tokens=100_000))
+                model.complete([PROMPTS[0]], GenerationSettings(max_new_tokens=64))
             except BaseException as exc:  # noqa: BLE001 - what the caller would get
                 failure.append(exc)
-        worker = threading.Thread(target=long_answer)
+        # Frozen first, so that the request is surely in flight when the child dies (the tiny
+        # model would otherwise answer before any kill).
+        os.kill(pid, signal.SIGSTOP)
+        worker = threading.Thread(target=answer)
         worker.start()
         time.sleep(0.5)
         os.kill(pid, signal.SIGKILL)

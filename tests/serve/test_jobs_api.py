@@ -125,12 +125,14 @@ def test_fine_tunes_answer_through_llama_cpp_adapters_chosen_per_request(finishe
     assert len(children) == 1, "one child for the base and all its adapters"
     failed: list[BaseException] = []
 
-    def long_answer():
+    def answer():
         try:
-            ask(models[1], max_tokens=100_000)
+            ask(models[1], max_tokens=64)
         except openai.APIStatusError as exc:
             failed.append(exc)
-    worker = threading.Thread(target=long_answer)
+    # Frozen first, so that the request is surely in flight when the child dies.
+    children[0].suspend()
+    worker = threading.Thread(target=answer)
     worker.start()
     time.sleep(0.5)
     children[0].kill()
