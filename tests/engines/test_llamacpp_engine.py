@@ -150,3 +150,28 @@ def test_a_model_llama_cpp_cannot_run_answers_with_transformers_under_auto(famil
     assert model.engine == "transformers" and "sliding-window" in model.engine_note
     with pytest.raises(AfinarError, match="sliding-window"):
         open_model(run, "llamacpp", notify=QUIET)
+
+
+def test_a_qlora_run_answers_from_its_dequantised_base_plus_its_adapter(tmp_path, tiny_model_dir,
+                                                                         small_chat_file):
+    """A QLoRA run's adapter learned against the quantised base: llama.cpp gets that base
+    (de-quantised, converted once, keyed by the quantisation) and the adapter on top, and
+    answers as the transformers engine does (which merges into the same weights)."""
+    from afinar.config import TrainConfig
+    from afinar.train.recipe import train
+
+    run = str(train(TrainConfig(data=str(small_chat_file), model=str(tiny_model_dir),
+                                output=str(tmp_path / "run"), quantization="4bit",
+                                precision="fp32", learning_rate=1e-2, batch_size=4, max_steps=6,
+                                seed=0, evaluate=False)).run_dir)
+    plain = open_model(str(tiny_model_dir), "llamacpp", notify=QUIET)
+    plain.close()
+    llama = open_model(run, "llamacpp", notify=QUIET)
+    try:
+        assert llama.files.how == "base model + LoRA adapter"
+        assert llama.files.model != plain.files.model  # not the original base's file
+        agreement = compare_engines(load(run, notify=QUIET), llama, PROMPTS[:4],
+                                    max_new_tokens=16)
+    finally:
+        llama.close()
+    assert agreement.passed, agreement.partings
