@@ -23,6 +23,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# What answers prompts (afinar.engines): the training config's and the server settings' choice.
+EngineName = Literal["auto", "llamacpp", "transformers"]
+
+
 class LoraSettings(StrictModel):
     r: int = Field(16, ge=1, description="Rank of the low-rank update.")
     alpha: float = Field(32, gt=0, description="Scale: the update is multiplied by alpha / r.")
@@ -164,7 +168,7 @@ class TrainConfig(StrictModel):
     tune_trials: int = Field(4, ge=2, le=50, description="Short runs the search makes.")
     evaluate: bool = Field(True, description="At the end, evaluate base vs tuned on the held-out "
                            "data and write RUN/report.json and report.html (`afinar eval`).")
-    engine: Literal["auto", "llamacpp", "transformers"] = Field(
+    engine: EngineName = Field(
         "auto", description="What answers in the end-of-run evaluation: llamacpp (llama.cpp's "
         "server on a GGUF of the base, cached, with the run's LoRA as a GGUF adapter), "
         "transformers, or auto (llama.cpp on a CPU when it is installed and the model "

@@ -9,7 +9,6 @@ import typer
 
 from afinar.cli.common import ENGINE_HELP, quiet_libraries
 from afinar.console import console, user_errors
-from afinar.errors import AfinarError
 
 @user_errors
 def serve(
@@ -31,11 +30,9 @@ def serve(
     settings = load_serve_settings(config, host=host, port=port, concurrent_jobs=jobs,
                                    engine=engine)
     if settings.engine == "llamacpp":  # said now, not as a failed start-up inside uvicorn
-        from afinar.engines import llama_cpp_missing
-        from afinar.engines.llama_server import INSTALL_HINT
+        from afinar.engines import require_llama_cpp
 
-        if missing := llama_cpp_missing():
-            raise AfinarError(f"engine: llamacpp: {missing}", INSTALL_HINT)
+        require_llama_cpp()
     if not settings.keys():
         if settings.host not in LOOPBACK:
             console.print(f"[yellow]no API keys configured: listening on 127.0.0.1 only, not "

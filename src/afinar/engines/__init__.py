@@ -18,12 +18,12 @@ complete/generate/stream/prompt_ids, and close().
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, get_args
 
+from afinar.config import EngineName
 from afinar.errors import AfinarError
 
-Engine = Literal["auto", "llamacpp", "transformers"]
-ENGINES = ("auto", "llamacpp", "transformers")
+ENGINES = get_args(EngineName)  # ("auto", "llamacpp", "transformers")
 
 
 def check_engine(engine: str) -> str:
@@ -44,32 +44,33 @@ def llama_cpp_missing() -> str | None:
     return None
 
 
+def require_llama_cpp() -> None:
+    """`engine: llamacpp` asked for: AfinarError with what to install when it cannot start."""
+    if missing := llama_cpp_missing():
+        from afinar.engines.llama_server import INSTALL_HINT
+
+        raise AfinarError(f"engine llamacpp: {missing}", INSTALL_HINT)
+
+
 def auto_reason(device: str) -> str | None:
     """Why `auto` does not pick llama.cpp before any model is looked at, or None."""
     from afinar.models.load import pick_device
 
-    if pick_device(device).type != "cpu":
-        return (f"{pick_device(device).type}: transformers answers on a GPU (no GPU engine is "
-                "wired in yet; docs/serving.md says how to put vLLM in front)")
+    kind = pick_device(device).type
+    if kind != "cpu":
+        return (f"{kind}: transformers answers on a GPU (no GPU engine is wired in yet; "
+                "docs/serving.md says how to put vLLM in front)")
     return llama_cpp_missing()
 
 
 def tokenizer_and_stops(resolved, tokenizer_dir: str | None = None):
     """The tokenizer a model or run answers with (a run's own: its chat template) and the ids
     that end its answers, without loading its weights."""
-    from transformers import GenerationConfig
-
-    from afinar.models.load import load_tokenizer, stop_token_ids
+    from afinar.models.load import load_tokenizer, read_generation_config, stop_token_ids
 
     tokenizer = load_tokenizer(tokenizer_dir or resolved.tokenizer_source)
-    try:
-        generation = GenerationConfig.from_pretrained(resolved.weights)
-    except (OSError, ValueError):  # no generation_config.json: what transformers derives
-        from transformers import AutoConfig
-
-        generation = GenerationConfig.from_model_config(
-            AutoConfig.from_pretrained(resolved.weights))
-    return tokenizer, stop_token_ids(tokenizer, generation_config=generation)
+    return tokenizer, stop_token_ids(
+        tokenizer, generation_config=read_generation_config(resolved.weights))
 
 
 def _open_llama(resolved, tokenizer, stop_ids, engine: str, notify, slots: int | None,
@@ -96,10 +97,8 @@ def open_model(spec: str, engine: str = "auto", device: str = "auto", notify: Ca
         model = load(spec, device=device, notify=notify)
         model.engine_note = reason or ""
         return model
-    if engine == "llamacpp" and (missing := llama_cpp_missing()):
-        from afinar.engines.llama_server import INSTALL_HINT
-
-        raise AfinarError(f"--engine llamacpp: {missing}", INSTALL_HINT)
+    if engine == "llamacpp":
+        require_llama_cpp()
     from afinar.models.registry import resolve_model
 
     resolved = resolve_model(spec, notify=notify)
@@ -168,10 +167,8 @@ def answerer_for(loaded, engine: str = "auto", notify: Callable = print,
     if engine == "transformers" or reason:
         loaded.engine_note = reason or ""
         return loaded
-    if engine == "llamacpp" and (missing := llama_cpp_missing()):
-        from afinar.engines.llama_server import INSTALL_HINT
-
-        raise AfinarError(f"--engine llamacpp: {missing}", INSTALL_HINT)
+    if engine == "llamacpp":
+        require_llama_cpp()
 
     def fallback(why: str):
         notify(f"{why}; answering with transformers")

@@ -155,13 +155,14 @@ def base_gguf(resolved: ResolvedModel, tokenizer, stop_ids, notify: Callable[[st
 
 
 def adapter_gguf(folder: Path, base_weights: str, notify: Callable[[str], None]) -> Path:
-    """A PEFT LoRA folder as an f32 GGUF adapter; AfinarError when llama.cpp cannot apply it."""
+    """A PEFT LoRA folder as an f32 GGUF adapter; AfinarError when llama.cpp cannot apply it
+    (adapter_for_llama_cpp checks, before converting)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_weights)
-    check_adapter(folder, config)
     converter = find_converter()
-    target = cache_dir() / "adapters" / f"{_key('lora', weights_digest(folder), converter.version)}.gguf"
+    key = _key("lora", weights_digest(folder), converter.version)
+    target = cache_dir() / "adapters" / f"{key}.gguf"
     with _locked(target):
         if target.is_file():
             return target

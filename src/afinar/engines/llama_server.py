@@ -123,7 +123,6 @@ class LlamaServer:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._client: httpx.Client | None = None
-        self._url = ""
         self._log = None
         self.restarts = 0
 
@@ -162,8 +161,8 @@ class LlamaServer:
                                          env=child_environment(),
                                          preexec_fn=_die_with_parent if sys.platform == "linux"
                                          else None)
-        self._url = f"http://127.0.0.1:{port}"
-        self._client = httpx.Client(base_url=self._url, timeout=self.request_timeout_s,
+        self._client = httpx.Client(base_url=f"http://127.0.0.1:{port}",
+                                    timeout=self.request_timeout_s,
                                     limits=httpx.Limits(max_connections=4 * self.slots + 8))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

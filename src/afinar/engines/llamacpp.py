@@ -20,52 +20,44 @@ from typing import Callable, Iterator
 from afinar.data.tokenize import ChatEncoder
 from afinar.engines.gguf_cache import EngineFiles, engine_files
 from afinar.engines.llama_server import LlamaServer
-from afinar.infer.generate import (Completion, GenerationSettings, answer_pieces, as_messages,
+from afinar.infer.generate import (Answering, Completion, GenerationSettings, answer_pieces,
                                    completion_from_ids)
 from afinar.models.registry import ResolvedModel
 
 DEFAULT_SLOTS = 8
 
 
-class LlamaCppModel:
+class LlamaCppModel(Answering):
     engine = "llama.cpp"
 
     def __init__(self, server: LlamaServer, lora: int | None, tokenizer, stop_ids: list[int],
-                 resolved: ResolvedModel, files: EngineFiles, owns_server: bool = True,
-                 note: str = ""):
+                 resolved: ResolvedModel, files: EngineFiles, owns_server: bool = True):
         self.server, self.lora, self.tokenizer = server, lora, tokenizer
         self.stop_ids, self.resolved, self.files = stop_ids, resolved, files
         self.encoder = ChatEncoder(tokenizer, stop_ids)
         self.name = resolved.spec
-        self.device = "cpu (llama.cpp)"
-        self.engine_note = note
         self._owns_server = owns_server
 
     @classmethod
     def open(cls, resolved: ResolvedModel, tokenizer, stop_ids: list[int],
-             notify: Callable[[str], None] = print, slots: int = DEFAULT_SLOTS,
-             note: str = "") -> "LlamaCppModel":
+             notify: Callable[[str], None] = print, slots: int = DEFAULT_SLOTS
+             ) -> "LlamaCppModel":
         """Converts what is not converted yet, then starts a llama-server for this model."""
         files = engine_files(resolved, tokenizer, stop_ids, notify)
         server = LlamaServer(files.model, [files.adapter] if files.adapter else [], slots=slots)
         server.start()
-        return cls(server, 0 if files.adapter else None, tokenizer, stop_ids, resolved, files,
-                   note=note)
+        return cls(server, 0 if files.adapter else None, tokenizer, stop_ids, resolved, files)
 
     def describe(self) -> dict:
-        """What answered, for reports and outputs."""
-        return {"engine": self.engine, "files": self.files.how,
+        """What answered, for reports and outputs: the engine and its files."""
+        return {**super().describe(), "files": self.files.how,
                 "model_file": str(self.files.model),
                 "adapter_file": str(self.files.adapter) if self.files.adapter else None,
-                "converted_by": self.files.converted_by, **(
-                    {"note": self.engine_note} if self.engine_note else {})}
+                "converted_by": self.files.converted_by}
 
     def engine_signature(self) -> list[str]:
         return [self.engine, self.files.converted_by, self.files.model.name,
                 self.files.adapter.name if self.files.adapter else "", self.files.how]
-
-    def prompt_ids(self, conversation) -> list[int]:
-        return self.encoder.prompt_ids(as_messages(conversation))
 
     def _one(self, conversation, settings: GenerationSettings) -> Completion:
         ids = self.prompt_ids(conversation)
@@ -90,11 +82,6 @@ class LlamaCppModel:
                 if on_progress:
                     on_progress(1)
         return results
-
-    def generate(self, conversations: list, settings: GenerationSettings | None = None,
-                 batch_size: int = 8, on_progress: Callable[[int], None] | None = None
-                 ) -> list[str]:
-        return [c.text for c in self.complete(conversations, settings, batch_size, on_progress)]
 
     def stream(self, conversation, settings: GenerationSettings | None = None,
                result: dict | None = None) -> Iterator[str]:

@@ -268,18 +268,9 @@ def _run_model(loaded, answering, role: str, examples, prompts, probes, cross_se
                 f"{role}: {name.replace('_', ' ')}", use_cache, counts)
     return {"loss": loss, "pairs": pairs, "answers": answers, "probe_answers": probe_answers,
             "cross_answers": cross_answers,
-            "spec": loaded.name, "engine": engine_info(answering),
+            "spec": loaded.name, "engine": answering.describe(),
             "answers_from_cache": counts.get("cached", 0),
             "answers_generated": counts.get("generated", 0)}
-
-
-def engine_info(answering) -> dict:
-    """Which engine answered (and why, when it was not the one asked for)."""
-    describe = getattr(answering, "describe", None)
-    info = describe() if describe else {"engine": answering.engine}
-    if getattr(answering, "engine_note", "") and "note" not in info:
-        info["note"] = answering.engine_note
-    return info
 
 
 def _generate(loaded, prompts, settings, batch_size, emit, label, use_cache: bool,

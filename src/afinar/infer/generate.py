@@ -126,11 +126,36 @@ def transformers_signature(device) -> list[str]:
     return [str(device), torch.__version__, transformers.__version__]
 
 
-class LoadedModel:
+class Answering:
+    """What every engine's model has (afinar.engines): `complete` (its own), and from it
+    `generate`; prompt ids from its `encoder` (afinar's template and tokenizer); `describe()`
+    for reports; `close()`."""
+
+    engine = ""
+    engine_note = ""  # why this engine answers, when it was not the one asked for
+
+    def prompt_ids(self, conversation) -> list[int]:
+        """The token ids the model is given for a conversation (with the generation prompt)."""
+        return self.encoder.prompt_ids(as_messages(conversation))
+
+    def generate(self, conversations: list, settings: GenerationSettings | None = None,
+                 batch_size: int = 8, on_progress: Callable[[int], None] | None = None
+                 ) -> list[str]:
+        """One answer per conversation (lists of messages ending with the user's turn)."""
+        return [c.text for c in self.complete(conversations, settings, batch_size, on_progress)]
+
+    def describe(self) -> dict:
+        """Which engine answered (and why, when it was not the one asked for)."""
+        return {"engine": self.engine, **({"note": self.engine_note} if self.engine_note else {})}
+
+    def close(self) -> None:
+        """Nothing to release beyond the weights (the llama.cpp engine stops its server)."""
+
+
+class LoadedModel(Answering):
     """The transformers engine: the model's weights in this process, `generate` in batches."""
 
     engine = "transformers"
-    engine_note = ""  # why this engine answers, when it was not the one asked for
 
     def __init__(self, model, tokenizer, resolved: ResolvedModel, device: torch.device):
         self.model, self.tokenizer, self.resolved, self.device = model, tokenizer, resolved, device
@@ -140,13 +165,6 @@ class LoadedModel:
 
     def engine_signature(self) -> list[str]:
         return transformers_signature(self.device)
-
-    def close(self) -> None:
-        """Nothing to release beyond the weights (the llama.cpp engine stops its server)."""
-
-    def prompt_ids(self, conversation) -> list[int]:
-        """The token ids the model is given for a conversation (with the generation prompt)."""
-        return self.encoder.prompt_ids(as_messages(conversation))
 
     def _prompt_batch(self, conversations) -> dict[str, torch.Tensor]:
         prompts = [self.prompt_ids(c) for c in conversations]
@@ -195,12 +213,6 @@ class LoadedModel:
             if on_progress:
                 on_progress(len(chunk))
         return results
-
-    def generate(self, conversations: list, settings: GenerationSettings | None = None,
-                 batch_size: int = 8, on_progress: Callable[[int], None] | None = None
-                 ) -> list[str]:
-        """One answer per conversation (lists of messages ending with the user's turn)."""
-        return [c.text for c in self.complete(conversations, settings, batch_size, on_progress)]
 
     def stream(self, conversation, settings: GenerationSettings | None = None,
                result: dict | None = None) -> Iterator[str]:

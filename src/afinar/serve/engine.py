@@ -59,7 +59,7 @@ class Engine:
         self._pending: queue.Queue = queue.Queue()
         self._batcher = threading.Thread(target=self._batch_loop, daemon=True)
         self._batcher.start()
-        self.llama, self.engine_note = None, ""
+        self.llama = None
         self._fallback: dict[str, str] = {}  # model name -> why transformers answers it
         if settings.engine != "transformers":
             reason = auto_reason("auto")
@@ -68,9 +68,10 @@ class Engine:
 
                 self.llama = LlamaBackend(settings.llama_slots, settings.adapter_cache)
             elif settings.engine == "llamacpp":
-                raise AfinarError(f"engine: llamacpp: {reason}", INSTALL_HINT)
-            else:
-                self.engine_note = reason
+                raise AfinarError(f"engine llamacpp: {reason}", INSTALL_HINT)
+            else:  # auto, on a GPU or without llama-server
+                logging.getLogger("afinar.serve").warning(
+                    "engine auto: transformers answers (%s)", reason)
 
     # --- which engine answers ------------------------------------------------------------------
     def engine_of(self, name: str) -> str:

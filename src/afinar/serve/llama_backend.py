@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from afinar.engines import tokenizer_and_stops
@@ -42,7 +42,6 @@ class _Served:
     server: LlamaServer
     inflight: int = 0
     retired: bool = False
-    adapters: list[Path] = field(default_factory=list)
 
 
 class LlamaBackend:
@@ -86,12 +85,13 @@ class LlamaBackend:
     def _served_for(self, files: EngineFiles) -> _Served:
         """The child that has this model file and adapter (a new one when it lacks it)."""
         served = self._servers.get(files.model)
-        if served is not None and (files.adapter is None or files.adapter in served.adapters):
+        if served is not None and (files.adapter is None or
+                                   files.adapter in served.server.adapters):
             return served
-        adapters = list(served.adapters) if served else []
+        adapters = list(served.server.adapters) if served else []
         if files.adapter is not None:
             adapters = (adapters + [files.adapter])[-self.adapter_cache:]
-        fresh = _Served(LlamaServer(files.model, adapters, slots=self.slots), adapters=adapters)
+        fresh = _Served(LlamaServer(files.model, adapters, slots=self.slots))
         fresh.server.start()
         if served is not None:
             served.retired = True
@@ -107,7 +107,7 @@ class LlamaBackend:
         with self._lock:
             served = self._served_for(prepared.files)
             served.inflight += 1
-            lora = (served.adapters.index(prepared.files.adapter)
+            lora = (served.server.adapters.index(prepared.files.adapter)
                     if prepared.files.adapter is not None else None)
         try:
             yield LlamaCppModel(served.server, lora, prepared.tokenizer, prepared.stop_ids,

@@ -16,11 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import Literal
-
 from pydantic import Field
 
-from afinar.config import StrictModel, build_config, read_yaml
+from afinar.config import EngineName, StrictModel, build_config, read_yaml
 from afinar.models.registry import DEFAULT_MODEL
 from afinar.paths import afinar_home
 
@@ -38,7 +36,7 @@ class ServeSettings(StrictModel):
     concurrent_jobs: int = Field(1, ge=1, description="Training jobs that run at the same time.")
     max_upload_mb: float = Field(512, gt=0, description="Largest accepted upload.")
     adapter_cache: int = Field(8, ge=1, description="Fine-tuned adapters kept in memory.")
-    engine: Literal["auto", "llamacpp", "transformers"] = Field(
+    engine: EngineName = Field(
         "auto", description="What answers chat: llamacpp (one llama-server child per base "
         "model, fine-tunes as LoRA adapters chosen per request), transformers, or auto "
         "(llama.cpp on a CPU when installed; transformers for a model it cannot run).")
