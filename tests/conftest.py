@@ -17,8 +17,9 @@ from tiny_llama import CHATML, build_tiny_model, build_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 # The serve tests' fixtures (`server`, `client`) live in tests/serving.py; the dashboard
-# browser tests' (`dash`, `page`) in tests/browser.py.
-pytest_plugins = ["serving", "browser"]
+# browser tests' (`dash`, `page`) in tests/browser.py; a real PostgreSQL server's
+# (`postgres_server`, `postgres_url`) in tests/postgres.py.
+pytest_plugins = ["serving", "browser", "postgres"]
 
 # The embedded model's converted copy is cached here across local runs (CI converts it once).
 os.environ.setdefault("AFINAR_HOME", str(ROOT / ".afinar-test-home"))

@@ -6,7 +6,7 @@ Python API call the same functions.
     train.py      afinar train, afinar demo       plan.py     afinar plan
     chat.py       afinar chat, afinar generate    evaluate.py afinar eval
     export.py     afinar export, afinar card      models.py   afinar models list|show|compare|tag|rm
-    serve.py      afinar serve                    common.py   what they share
+    serve.py      afinar serve, afinar worker     common.py   what they share
 
 Command modules never import this package (it imports them), so the tree has no import circle.
 """
@@ -35,6 +35,7 @@ app.command("eval")(evaluate.eval_)
 app.command()(export.export)
 app.command()(export.card)
 app.command()(serve.serve)
+app.command()(serve.worker)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,4 +1,5 @@
-"""`afinar serve`: the OpenAI-compatible API (afinar.serve) under uvicorn."""
+"""`afinar serve`: the OpenAI-compatible API (afinar.serve) under uvicorn; `afinar worker`: a
+training worker for it, on this machine or another one sharing its database and state folder."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def serve(
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Training jobs run at once."),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP + " Default: the "
                                          "settings' engine (auto)."),
+    no_worker: bool = typer.Option(False, "--no-worker", help="Run the API alone: jobs wait "
+                                   "for `afinar worker` processes (this or other machines)."),
 ):
     """OpenAI-compatible API: files, fine-tuning jobs, chat completions, models (/v1)."""
     quiet_libraries()
@@ -40,8 +43,38 @@ def serve(
         else:
             console.print("[dim]no API keys configured: loopback only; any key is accepted[/]")
         settings = settings.model_copy(update={"host": "127.0.0.1"})
+    from afinar.serve.database import database_url, describe
+
+    workers = ("no training workers: start `afinar worker`" if no_worker else
+               f"{settings.concurrent_jobs} training worker"
+               f"{'s' if settings.concurrent_jobs > 1 else ''}")
+    database = describe(database_url(settings.database_url, settings.state_dir()))
     console.print(f"afinar serving OpenAI's API at http://{settings.host}:{settings.port}/v1 "
-                  f"(state: {settings.state_dir()}, {settings.concurrent_jobs} training worker"
-                  f"{'s' if settings.concurrent_jobs > 1 else ''}, engine: {settings.engine})")
-    uvicorn.run(create_app(settings, str(config) if config else None), host=settings.host,
-                port=settings.port, log_level="warning")
+                  f"(state: {settings.state_dir()}, database: {database}, {workers}, engine: "
+                  f"{settings.engine})")
+    uvicorn.run(create_app(settings, str(config) if config else None, workers=not no_worker),
+                host=settings.host, port=settings.port, log_level="warning")
+
+
+@user_errors
+def worker(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The server's settings "
+                                          "(YAML): database_url, home, models, lease_seconds."),
+    state: Optional[Path] = typer.Option(None, "--state", help="The server's state folder, as "
+                                         "this machine mounts it (default: the settings' home)."),
+):
+    """Trains the server's queued jobs, one at a time: run one per GPU or machine. It shares the
+    server's database (database_url / AFINAR_DATABASE_URL) and state folder; a job whose worker
+    dies is taken over from its last checkpoint once its lease expires."""
+    quiet_libraries()
+    from afinar.serve.settings import load_serve_settings
+    from afinar.serve.store import Store
+    from afinar.serve.worker import serve_forever
+
+    settings = load_serve_settings(config, home=str(state) if state else None)
+    store = Store(settings.state_dir(), settings.database_url)
+    try:
+        serve_forever(store, settings)
+    except KeyboardInterrupt:
+        console.print("worker stopped; a job it was training continues from its last "
+                      "checkpoint on the next worker")

@@ -2,10 +2,11 @@
 
     app = create_app(load_serve_settings("serve.yaml"))     # uvicorn.run(app, ...)
 
-On start-up: the state folder and database are opened, jobs still validating are validated
-again, and `concurrent_jobs` worker processes are started (they recover interrupted jobs). On
-shutdown the workers are stopped; a job they were training continues from its last checkpoint
-at the next start.
+On start-up: the state folder and database are opened (and migrated), jobs still validating
+are validated again, and `concurrent_jobs` worker processes are started, unless `workers=False`
+(`afinar serve --no-worker`: workers run elsewhere, `afinar worker`). On shutdown the workers
+are stopped; a job they were training continues from its last checkpoint, on whichever worker
+claims it next.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
                workers: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = Store(settings.state_dir())
+        store = Store(settings.state_dir(), settings.database_url)
         app.state.settings, app.state.store = settings, store
         app.state.engine = Engine(settings, store)
         for job in store.jobs_in("validating_files"):
@@ -71,6 +72,7 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
         finally:
             stop_workers(procs)
             app.state.engine.close()
+            store.close()
 
     app = FastAPI(title="afinar", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(check_api_key)],

@@ -151,16 +151,18 @@ class Engine:
                         item[3].set_exception(exc)
 
     # --- names ------------------------------------------------------------------------------
-    def resolve(self, name: str) -> ModelRef:
+    def resolve(self, name: str, project: str | None = None) -> ModelRef:
+        """What a model name is; a fine-tune or checkpoint of another project than `project`
+        (None: any) is a 404, as a name that does not exist."""
         bases = self.settings.base_models()
         if name in bases:
             return ModelRef(name, bases[name])
-        job = self.store.job_by_model(name)
+        job = self.store.job_by_model(name, project)
         if job is not None:
             run = Path(job["run_dir"])
             return ModelRef(name, job["base_spec"], "final", str(run),
                             str(run / rundir.TOKENIZER_DIR))
-        checkpoint = self.store.checkpoint_by_model(name)
+        checkpoint = self.store.checkpoint_by_model(name, project)
         if checkpoint is not None:
             job = self.store.job(checkpoint["job_id"])
             run = Path(job["run_dir"])

@@ -101,13 +101,14 @@ def _check_ranges(values: dict, where: str) -> None:
                            code="invalid_hyperparameter")
 
 
-def _starting_model(store: Store, settings: ServeSettings, name: str) -> str:
+def _starting_model(store: Store, settings: ServeSettings, name: str,
+                    project: str | None) -> str:
     """What a job trains from: a base model's spec, or a succeeded job's run directory (SFT,
     then DPO: the new adapter trains on that model's merged weights)."""
     bases = settings.base_models()
     if name in bases:
         return bases[name]
-    parent = store.job_by_model(name)
+    parent = store.job_by_model(name, project)
     if parent is not None and parent["status"] == "succeeded":
         return parent["run_dir"]
     raise ApiError(404, f"The model '{name}' does not exist or cannot be fine-tuned here. "
@@ -115,13 +116,14 @@ def _starting_model(store: Store, settings: ServeSettings, name: str) -> str:
                    "succeeded job.", param="model", code="model_not_found")
 
 
-def create_job(store: Store, settings: ServeSettings, request) -> dict:
-    base_spec = _starting_model(store, settings, request.model)
+def create_job(store: Store, settings: ServeSettings, request, project: str = "default") -> dict:
+    """A new job in `project`: its files and starting model must be the project's."""
+    base_spec = _starting_model(store, settings, request.model, project)
     for param in ("training_file", "validation_file"):
         file_id = getattr(request, param)
         if file_id is None:
             continue
-        row = store.file(file_id)
+        row = store.file(file_id, project)
         if row is None:
             raise ApiError(400, f"invalid {param}: no file with id '{file_id}'.", param=param,
                            code="invalid_file")
@@ -150,7 +152,7 @@ def create_job(store: Store, settings: ServeSettings, request) -> dict:
         "seed": request.seed if request.seed is not None else 42, "metadata": request.metadata,
         "status": "validating_files", "result_files": [],
         "run_dir": str(settings.state_dir() / "runs" / job_id),
-        "settings": nested_settings(request.settings) or None}
+        "settings": nested_settings(request.settings) or None, "project": project}
     if values["settings"]:  # checked now, as `afinar train` would, not when the job runs
         try:
             train_config(store, settings, values)
@@ -204,15 +206,16 @@ def fail_job(store: Store, job_id: str, code: str, message: str,
     store.add_event(job_id, message, level="error")
 
 
-def get_job(store: Store, job_id: str) -> dict:
-    job = store.job(job_id)
+def get_job(store: Store, job_id: str, project: str | None = None) -> dict:
+    """The job, when `project` may see it (None: any project); else OpenAI's 404."""
+    job = store.job(job_id, project)
     if job is None:
         raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
     return job
 
 
-def cancel_job(store: Store, job_id: str) -> dict:
-    job = get_job(store, job_id)
+def cancel_job(store: Store, job_id: str, project: str | None = None) -> dict:
+    job = get_job(store, job_id, project)
     if job["status"] in FINAL:
         raise ApiError(400, f"Job {job_id} has already {job['status']} and cannot be "
                        "cancelled.", code="job_already_finished")
@@ -225,22 +228,23 @@ def cancel_job(store: Store, job_id: str) -> dict:
     return store.job(job_id)
 
 
-def _job_in(store: Store, job_id: str, status: str, action: str) -> dict:
-    job = get_job(store, job_id)
+def _job_in(store: Store, job_id: str, status: str, action: str,
+            project: str | None) -> dict:
+    job = get_job(store, job_id, project)
     if job["status"] != status:
         raise ApiError(400, f"Job {job_id} is {job['status']}; only a {status} job can be "
                        f"{action}.", code="invalid_job_state")
     return job
 
 
-def pause_job(store: Store, job_id: str) -> dict:
-    _job_in(store, job_id, "running", "paused")
+def pause_job(store: Store, job_id: str, project: str | None = None) -> dict:
+    _job_in(store, job_id, "running", "paused", project)
     store.update_job(job_id, when_status=("running",), requested="pause")
     return store.job(job_id)
 
 
-def resume_job(store: Store, job_id: str) -> dict:
-    _job_in(store, job_id, "paused", "resumed")
+def resume_job(store: Store, job_id: str, project: str | None = None) -> dict:
+    _job_in(store, job_id, "paused", "resumed", project)
     store.update_job(job_id, when_status=("paused",), status="queued", resume=1, requested=None)
     store.add_event(job_id, "Fine-tuning job resumed; queued")
     return store.job(job_id)

@@ -3,6 +3,10 @@
     host: 127.0.0.1
     port: 8000
     api_keys: [sk-local-1]            # or AFINAR_API_KEYS=sk-a,sk-b; none: loopback only
+    projects:                         # keys of a team: they see only their project's objects
+      team-a: {keys: [sk-a1, sk-a2], max_files: 500, max_storage_mb: 2048}
+    admin_keys: [sk-admin]            # see every project (OpenAI-Project header: act in one)
+    database_url: postgresql+psycopg://afinar@db/afinar   # or AFINAR_DATABASE_URL; default SQLite
     models: {tiny: ./models/tiny}     # base models offered besides the embedded default
     concurrent_jobs: 1                # training jobs run at once (one worker process each)
     max_upload_mb: 512
@@ -25,11 +29,32 @@ from afinar.paths import afinar_home
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+class ProjectSettings(StrictModel):
+    keys: list[str] = Field(default_factory=list, description="Bearer keys of this project.")
+    max_files: int = Field(1000, ge=1, description="Files the project may hold at once.")
+    max_storage_mb: float = Field(10240, gt=0, description="Bytes of files it may hold, in MB.")
+
+
 class ServeSettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; also "
                                 "AFINAR_API_KEYS (comma-separated). None: loopback only.")
+    projects: dict[str, ProjectSettings] = Field(
+        default_factory=dict, description="Project name -> its keys and upload limits. A key "
+        "sees, uses and deletes only its project's files, jobs, models and ratings; "
+        "`api_keys` belong to the project 'default'.")
+    admin_keys: list[str] = Field(default_factory=list, description="Keys that see every "
+                                  "project; with an OpenAI-Project header, act inside one.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the state database "
+                                     "(also AFINAR_DATABASE_URL); default: SQLite in the state "
+                                     "folder.")
+    lease_seconds: float = Field(60, ge=2, description="How long a worker's claim on a job "
+                                 "lasts without renewal; a worker renews it every third of "
+                                 "that while it trains, and a job whose worker vanished is "
+                                 "taken over once it expires.")
+    max_attempts: int = Field(3, ge=1, description="Workers a job may be started on (lost "
+                              "workers and crashes count) before it fails with the last error.")
     organization: str = Field("afinar", description="The ORG part of ft:BASE:ORG:SUFFIX:ID.")
     models: dict[str, str] = Field(default_factory=dict, description="Base model name -> model "
                                    "(registry name, folder, .gguf or hub id).")
@@ -54,8 +79,20 @@ class ServeSettings(StrictModel):
         return {DEFAULT_MODEL: DEFAULT_MODEL, **self.models}
 
     def keys(self) -> list[str]:
+        """Every accepted key (empty: no keys configured, loopback only)."""
+        return list(self.key_projects())
+
+    def key_projects(self) -> dict[str, str | None]:
+        """Key -> its project; None for an admin key (every project)."""
         env = [k.strip() for k in os.environ.get("AFINAR_API_KEYS", "").split(",") if k.strip()]
-        return self.api_keys + env
+        out: dict[str, str | None] = {key: "default" for key in self.api_keys + env}
+        for name, project in self.projects.items():
+            out.update({key: name for key in project.keys})
+        out.update({key: None for key in self.admin_keys})
+        return out
+
+    def project_limits(self, name: str) -> ProjectSettings:
+        return self.projects.get(name) or ProjectSettings()
 
     @property
     def max_upload_bytes(self) -> int:

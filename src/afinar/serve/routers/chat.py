@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from afinar.serve.engine import Engine
 from afinar.serve.errors import ApiError
 from afinar.serve.ids import new_id, now
-from afinar.serve.routers.deps import get_engine
+from afinar.serve.routers.deps import Project, get_engine, get_project
 from afinar.serve.schemas import ChatRequest
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
@@ -62,8 +62,10 @@ def _usage(completion) -> dict:
 
 
 @router.post("/completions")
-async def completions(body: ChatRequest, engine: Engine = Depends(get_engine)):
-    engine.resolve(body.model)  # an unknown model is a 404 before anything starts
+async def completions(body: ChatRequest, engine: Engine = Depends(get_engine),
+                      project: Project = Depends(get_project)):
+    # An unknown model, or another project's, is a 404 before anything starts.
+    await run_in_threadpool(engine.resolve, body.model, project.view)
     conversation = _conversation(body)
     settings = _settings(body)
     ident, created = new_id("chatcmpl-"), now()

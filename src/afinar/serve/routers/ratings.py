@@ -17,7 +17,7 @@ from afinar.serve import jobs as job_ops
 from afinar.serve import ratings as rating_ops
 from afinar.serve.errors import ApiError
 from afinar.serve.ids import new_id
-from afinar.serve.routers.deps import get_settings, get_store
+from afinar.serve.routers.deps import Project, get_project, get_settings, get_store
 from afinar.serve.schemas import ExactModel, file_object, page  # a misspelt field is a 400
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
@@ -56,19 +56,20 @@ def rating_object(row: dict) -> dict:
 
 
 @router.post("")
-def create(body: RatingCreate, store: Store = Depends(get_store)):
+def create(body: RatingCreate, store: Store = Depends(get_store),
+           project: Project = Depends(get_project)):
     values = body.model_dump()
     rating_ops.check_prompt(values["messages"])
     if values["ideal"] is not None and not values["ideal"].strip():
         values["ideal"] = None  # a blank ideal box is no ideal
-    return rating_object(store.add_rating(values))
+    return rating_object(store.add_rating(values, project.owner))
 
 
 @router.get("")
 def list_ratings(after: Optional[str] = None, limit: int = Query(100, ge=1, le=1000),
-                 store: Store = Depends(get_store)):
-    rows = store.ratings(after, limit + 1)
-    everything = store.ratings()  # human votes: few enough to tally on each request
+                 store: Store = Depends(get_store), project: Project = Depends(get_project)):
+    rows = store.ratings(after, limit + 1, project.view)
+    everything = store.ratings(project=project.view)  # human votes: few enough to tally on each request
     result = page([rating_object(r) for r in rows[:limit]], len(rows) > limit)
     result["summary"] = {"votes": len(everything), "models": rating_ops.tally(everything),
                          "export": rating_ops.export(everything[::-1], "openai").summary()}
@@ -77,14 +78,14 @@ def list_ratings(after: Optional[str] = None, limit: int = Query(100, ge=1, le=1
 
 @router.get("/prompts")
 def prompts(job: str = Query(..., description="a fine-tuning job id"),
-            store: Store = Depends(get_store)):
+            store: Store = Depends(get_store), project: Project = Depends(get_project)):
     """The held-out prompts of a job's run, as evaluation splits them (the same function)."""
     from afinar import rundir
     from afinar.config import load_train_config
     from afinar.data.prepare import split_for
     from afinar.data.validate import load_examples
 
-    row = job_ops.get_job(store, job)
+    row = job_ops.get_job(store, job, project.view)
     config_file = Path(row["run_dir"] or "") / rundir.CONFIG_FILE
     if not config_file.is_file():
         raise ApiError(400, f"Job {job} is {row['status']} and has not started training: its "
@@ -103,8 +104,9 @@ def prompts(job: str = Query(..., description="a fine-tuning job id"),
 
 
 @router.get("/export")
-def download(format: str = Query("openai"), store: Store = Depends(get_store)):
-    result = rating_ops.export(store.ratings()[::-1], format)
+def download(format: str = Query("openai"), store: Store = Depends(get_store),
+             project: Project = Depends(get_project)):
+    result = rating_ops.export(store.ratings(project=project.view)[::-1], format)
     skipped = "; ".join(f"{n} {why}" for why, n in result.skipped.items()) or "none"
     return Response(result.text(), media_type="application/jsonl", headers={
         "Content-Disposition": f'attachment; filename="ratings-{format}.jsonl"',
@@ -115,9 +117,10 @@ def download(format: str = Query("openai"), store: Store = Depends(get_store)):
 
 @router.post("/export")
 def export_file(body: ExportCreate, store: Store = Depends(get_store),
-                settings: ServeSettings = Depends(get_settings)):
+                settings: ServeSettings = Depends(get_settings),
+                project: Project = Depends(get_project)):
     """The export stored as a fine-tune file, checked as a job's training file will be."""
-    result = rating_ops.export(store.ratings()[::-1], body.format)
+    result = rating_ops.export(store.ratings(project=project.view)[::-1], body.format)
     if not result.pairs:
         raise ApiError(400, rating_ops.no_pairs_message(result), param="format",
                        code="no_preference_pairs")
@@ -133,7 +136,8 @@ def export_file(body: ExportCreate, store: Store = Depends(get_store),
         raise ApiError(400, f"The export of {result.pairs} pair(s) cannot train a job yet: "
                        f"{problems}. Rate more prompts, or download the JSONL.",
                        param="format", code="invalid_export")
-    row = store.add_file(file_id, f"ratings-{body.format}.jsonl", len(data), "fine-tune")
+    row = store.add_file(file_id, f"ratings-{body.format}.jsonl", len(data), "fine-tune",
+                         project=project.owner)
     return {**file_object(row), "export": result.summary()}
 
 

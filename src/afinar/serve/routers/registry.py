@@ -14,7 +14,7 @@ from afinar import rundir
 from afinar.errors import AfinarError
 from afinar.serve import exports
 from afinar.serve.errors import ApiError
-from afinar.serve.routers.deps import get_settings, get_store
+from afinar.serve.routers.deps import Project, get_project, get_settings, get_store
 from afinar.serve.schemas import ExactModel, page
 from afinar.serve.settings import ServeSettings
 from afinar.serve.store import Store
@@ -33,12 +33,25 @@ class ExportRequest(ExactModel):
     quant: str | None = None
 
 
-def _get(ref: str) -> Version:
+def _get(ref: str, store: Store, project: Project) -> Version:
     with open_registry() as registry:
         try:
-            return registry.get(ref)
+            version = registry.get(ref)
         except AfinarError as exc:
             raise ApiError(404, exc.message, param="version", code="version_not_found") from None
+    if not _visible(version, store, project):  # as if it did not exist, as OpenAI does
+        raise ApiError(404, f"No model version '{ref}'.", param="version",
+                       code="version_not_found")
+    return version
+
+
+def _visible(version: Version, store: Store, project: Project) -> bool:
+    """A job's run belongs to the job's project; runs trained outside the server (`afinar
+    train` on this machine) to the project 'default'. An admin key sees every version."""
+    if project.view is None:
+        return True
+    job = _jobs_by_run(store).get(version.path)
+    return (job["project"] if job else "default") == project.view
 
 
 def _jobs_by_run(store: Store) -> dict[str, dict]:
@@ -78,17 +91,20 @@ def _lineage(version: Version, job: dict | None, store: Store, others: list[Vers
 
 
 @router.get("/versions")
-def list_versions(store: Store = Depends(get_store)):
+def list_versions(store: Store = Depends(get_store), project: Project = Depends(get_project)):
     with open_registry() as registry:
         versions = registry.list()
     jobs = _jobs_by_run(store)
-    return page([version_object(v, jobs.get(v.path)) for v in versions], False)
+    mine = [v for v in versions if project.view is None
+            or (jobs[v.path]["project"] if v.path in jobs else "default") == project.view]
+    return page([version_object(v, jobs.get(v.path)) for v in mine], False)
 
 
 @router.get("/versions/{ref}")
 def retrieve_version(ref: str, store: Store = Depends(get_store),
-                     settings: ServeSettings = Depends(get_settings)):
-    version = _get(ref)
+                     settings: ServeSettings = Depends(get_settings),
+                     project: Project = Depends(get_project)):
+    version = _get(ref, store, project)
     with open_registry() as registry:
         others = registry.list()
     job = _jobs_by_run(store).get(version.path)
@@ -106,29 +122,34 @@ def _report_file(version: Version, name: str) -> Path:
 
 
 @router.get("/versions/{ref}/report")
-def report(ref: str):
-    return Response(_report_file(_get(ref), REPORT_FILE).read_bytes(),
+def report(ref: str, store: Store = Depends(get_store),
+           project: Project = Depends(get_project)):
+    return Response(_report_file(_get(ref, store, project), REPORT_FILE).read_bytes(),
                     media_type="application/json")
 
 
 @router.get("/versions/{ref}/report.html")
-def report_html(ref: str):
-    version = _get(ref)
+def report_html(ref: str, store: Store = Depends(get_store),
+                project: Project = Depends(get_project)):
+    version = _get(ref, store, project)
     return Response(_report_file(version, "report.html").read_bytes(),
                     media_type="text/html; charset=utf-8", headers={
                         "Content-Disposition": f'attachment; filename="{version.id}-report.html"'})
 
 
 @router.post("/versions/{ref}/tags")
-def add_tag(ref: str, body: TagRequest, store: Store = Depends(get_store)):
-    version = _get(ref)
+def add_tag(ref: str, body: TagRequest, store: Store = Depends(get_store),
+            project: Project = Depends(get_project)):
+    version = _get(ref, store, project)
     with open_registry() as registry:
         tagged = registry.tag(version.id, body.tag.strip())
     return version_object(tagged, _jobs_by_run(store).get(tagged.path))
 
 
 @router.delete("/tags/{tag}")
-def remove_tag(tag: str, store: Store = Depends(get_store)):
+def remove_tag(tag: str, store: Store = Depends(get_store),
+               project: Project = Depends(get_project)):
+    _get(tag, store, project)  # another project's tag is not this key's to remove
     with open_registry() as registry:
         try:
             version = registry.untag(tag)
@@ -138,12 +159,13 @@ def remove_tag(tag: str, store: Store = Depends(get_store)):
 
 
 @router.get("/compare")
-def compare(versions: str = Query(..., description="Comma-separated version ids or tags")):
+def compare(versions: str = Query(..., description="Comma-separated version ids or tags"),
+            store: Store = Depends(get_store), project: Project = Depends(get_project)):
     refs = [r.strip() for r in versions.split(",") if r.strip()]
     if len(refs) < 2:
         raise ApiError(400, "Compare needs at least two versions, e.g. versions=v1,v2.",
                        param="versions")
-    found = [_get(ref) for ref in refs]
+    found = [_get(ref, store, project) for ref in refs]
     return {"versions": [{"id": v.id, "tags": v.tags, "method": v.method,
                           "base_model": v.base_model} for v in found],
             "metrics": [{"metric": name, "better": metric_direction(name), "values": values}
@@ -155,8 +177,9 @@ def compare(versions: str = Query(..., description="Comma-separated version ids 
 
 @router.post("/versions/{ref}/exports")
 def start_export(ref: str, body: ExportRequest,
-                 settings: ServeSettings = Depends(get_settings)):
-    version = _get(ref)
+                 settings: ServeSettings = Depends(get_settings),
+                 store: Store = Depends(get_store), project: Project = Depends(get_project)):
+    version = _get(ref, store, project)
     if version.status != "succeeded":
         raise ApiError(400, f"{version.id} is {version.status}: only a finished run can be "
                        "exported.", param="version")
@@ -165,8 +188,12 @@ def start_export(ref: str, body: ExportRequest,
 
 
 @router.get("/exports/{export_id}")
-def get_export(export_id: str, settings: ServeSettings = Depends(get_settings)):
+def get_export(export_id: str, settings: ServeSettings = Depends(get_settings),
+               store: Store = Depends(get_store), project: Project = Depends(get_project)):
     try:
-        return exports.get_export(settings.state_dir(), export_id)
-    except AfinarError as exc:
-        raise ApiError(404, exc.message, param="export_id", code="export_not_found") from None
+        record = exports.get_export(settings.state_dir(), export_id)
+        _get(record["version"], store, project)  # another project's export: a 404
+        return record
+    except (AfinarError, ApiError):
+        raise ApiError(404, f"No export '{export_id}'.", param="export_id",
+                       code="export_not_found") from None
