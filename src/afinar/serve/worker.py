@@ -175,13 +175,12 @@ def _preference_metrics(metrics: dict, source: str, prefix: str) -> dict:
 
 
 def _start_attempt(store: Store, settings: ServeSettings, job: dict, before: dict,
-                   worker: str) -> bool:
+                   worker: str, step: Path | None) -> bool:
     """Says in the job's events which attempt this is and why; settles a job that must not run
     again (cancelled while its worker was lost, or out of attempts). True: train it."""
     job_id, attempt, limit = job["id"], job["attempts"], settings.max_attempts
     taken_over = before["status"] == "running"  # its worker's lease had expired
     if taken_over:
-        step = ckpt.latest_checkpoint(Path(job["run_dir"]))
         where = (f"continues from its checkpoint at step {_step_of(step)}" if step
                  else "starts again from the beginning (no checkpoint was saved)")
         store.add_event(job_id, f"The worker {before['worker']} stopped renewing its lease "
@@ -222,10 +221,15 @@ def run_job(store: Store, settings: ServeSettings, job: dict, worker: str | None
     from afinar.pipeline import fine_tune
 
     job_id = job["id"]
-    if worker is not None and not _start_attempt(store, settings, job, before or job, worker):
-        return
     run = Path(job["run_dir"])
-    resume = ckpt.latest_checkpoint(run) is not None
+    # A damaged newest checkpoint (bytes changed since it was written) is set aside here, so
+    # the events say the step the job really continues from.
+    start = ckpt.intact_checkpoint(run, lambda message, level="warning": store.add_event(
+        job_id, message[0].upper() + message[1:], level="warn"))
+    if worker is not None and not _start_attempt(store, settings, job, before or job, worker,
+                                                 start):
+        return
+    resume = start is not None
     if not resume and run.exists():  # an earlier attempt died before its first checkpoint
         shutil.rmtree(run, ignore_errors=True)
     lease = Lease(store, job_id, worker, settings.lease_seconds) if worker else None

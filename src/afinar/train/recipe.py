@@ -245,7 +245,7 @@ def _build_optimisation(s: Session) -> None:
         # Before any checkpoint is restored: the model is still the starting model here.
         attach_reference(run, s.data, s.accelerator, s.loss_model, s.model, config,
                          s.tokenizer.pad_token_id, s.say, s.emit)
-    resumed_from = ckpt.latest_checkpoint(run) if s.resume else None
+    resumed_from = ckpt.intact_checkpoint(run, s.say) if s.resume else None
     if resumed_from:
         payload = ckpt.load_checkpoint(resumed_from)
         s.state = sharding.restore(s.accelerator, s.loss_model, s.model, s.optimizer,

@@ -2,17 +2,22 @@
 
 A checkpoint restores weights (trainable tensors), optimizer, LR scheduler, every RNG and the
 data position (epoch and step within it), so a run killed with -9 and resumed ends exactly where
-an uninterrupted run would. Checkpoints are written to a temp folder and renamed into place;
-a folder named step-NNNNNN is therefore always complete.
+an uninterrupted run would. Checkpoints are written to a temp folder, flushed to disk and
+renamed into place, so a folder named step-NNNNNN is complete; its state.pt's sha256 is kept
+beside it, and a resume skips (and renames damaged-step-NNNNNN) a checkpoint whose bytes were
+damaged since, continuing from the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -73,9 +78,13 @@ def save_checkpoint(run: Path, state: TrainState, trainable: dict, optimizer_sta
                 "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), **({"rng_ranks": rng_ranks} if rng_ranks else {})},
                tmp / "state.pt")
+    (tmp / _DIGEST).write_text(_sha256(tmp / "state.pt"))
+    for file in (tmp / "state.pt", tmp / _DIGEST, tmp):  # on disk before the name says so
+        _fsync(file)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    _fsync(folder)
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -84,6 +93,52 @@ def save_checkpoint(run: Path, state: TrainState, trainable: dict, optimizer_sta
 def latest_checkpoint(run: Path) -> Path | None:
     found = sorted(p for p in checkpoints_dir(run).glob("step-*") if (p / "state.pt").is_file())
     return found[-1] if found else None
+
+
+_DIGEST = "state.sha256"
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (its state.pt changed since it was written), or
+    None. Checkpoints written before digests were kept are trusted."""
+    digest = checkpoint / _DIGEST
+    if not (checkpoint / "state.pt").is_file():
+        return "state.pt is missing"
+    if digest.is_file() and digest.read_text().strip() != _sha256(checkpoint / "state.pt"):
+        return "state.pt does not match the sha256 saved with it"
+    return None
+
+
+def intact_checkpoint(run: Path, say: Callable[..., None] | None = None) -> Path | None:
+    """The newest checkpoint whose bytes are as written; damaged newer ones are renamed
+    damaged-step-N (kept for a look, never resumed from) and reported through `say`."""
+    while (newest := latest_checkpoint(run)) is not None:
+        reason = damage(newest)
+        if reason is None:
+            return newest
+        aside = newest.with_name("damaged-" + newest.name)
+        shutil.rmtree(aside, ignore_errors=True)
+        newest.rename(aside)
+        if say:
+            say(f"checkpoint {newest.name} is damaged ({reason}); set aside as {aside.name}",
+                "warning")
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
