@@ -103,3 +103,36 @@ def test_a_job_out_of_attempts_fails_with_the_last_problem(tmp_path, tiny_model_
     assert "started 3 times" in row["error"]["message"]
     assert "stopped renewing its lease" in row["error"]["message"]
     store.close()
+
+
+def test_a_worker_launches_a_multi_process_job(tmp_path, tiny_model_dir):
+    """`launcher`: the job trains in the processes torchrun starts (DDP over 2 CPU processes
+    here); only the main one writes to the job; the worker holds the lease meanwhile."""
+    import sys
+    from pathlib import Path
+
+    from serving import free_port
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    srv = make_server(tmp_path / "ddp", tiny_model_dir, engine="transformers",
+                      launcher=f"{torchrun} --nproc_per_node 2 --master_port {free_port()}")
+    srv.start()
+    try:
+        client = srv.client()
+        data = write_jsonl(tmp_path / "t.jsonl", chat_records(16))
+        file = client.files.create(file=open(data, "rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(training_file=file.id, model="tiny",
+                                             hyperparameters={"n_epochs": 1, "batch_size": 4})
+        done = wait_for(client, job.id, timeout=300)
+        logs = list((srv.folder / "state" / "logs").glob(f"{job.id}-attempt-1.log"))
+        assert done.status == "succeeded", (done.error, logs and logs[0].read_text()[-3000:])
+        messages = _messages(client, job.id)
+        assert any(m.startswith("Launching: ") and "torchrun" in m for m in messages)
+        assert sum(m.startswith("New fine-tuned model created") for m in messages) == 1
+        assert sum(m.startswith("Fine-tuning job started") for m in messages) == 1  # main only
+        from afinar import rundir
+
+        info = rundir.read_run_info(srv.folder / "state" / "runs" / job.id)
+        assert info["summary"]["processes"] == 2
+    finally:
+        srv.stop()

@@ -62,6 +62,10 @@ def worker(
                                           "(YAML): database_url, home, models, lease_seconds."),
     state: Optional[Path] = typer.Option(None, "--state", help="The server's state folder, as "
                                          "this machine mounts it (default: the settings' home)."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="Train each job in the "
+                                           "processes this command starts, e.g. \"accelerate "
+                                           "launch --num_processes 8\" or \"torchrun "
+                                           "--nproc_per_node 8\" (this machine's GPUs)."),
 ):
     """Trains the server's queued jobs, one at a time: run one per GPU or machine. It shares the
     server's database (database_url / AFINAR_DATABASE_URL) and state folder; a job whose worker
@@ -71,7 +75,8 @@ def worker(
     from afinar.serve.store import Store
     from afinar.serve.worker import serve_forever
 
-    settings = load_serve_settings(config, home=str(state) if state else None)
+    settings = load_serve_settings(config, home=str(state) if state else None,
+                                   launcher=launcher)
     store = Store(settings.state_dir(), settings.database_url)
     try:
         serve_forever(store, settings)

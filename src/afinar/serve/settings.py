@@ -55,6 +55,11 @@ class ServeSettings(StrictModel):
                                  "taken over once it expires.")
     max_attempts: int = Field(3, ge=1, description="Workers a job may be started on (lost "
                               "workers and crashes count) before it fails with the last error.")
+    launcher: str | None = Field(None, description="Runs each job in the processes this "
+                                 "command starts (e.g. 'accelerate launch --config_file "
+                                 "configs/accelerate/fsdp.yaml --num_processes 8' or "
+                                 "'torchrun --nproc_per_node 8'); default: in the worker's own "
+                                 "process. A worker's own --launcher wins.")
     organization: str = Field("afinar", description="The ORG part of ft:BASE:ORG:SUFFIX:ID.")
     models: dict[str, str] = Field(default_factory=dict, description="Base model name -> model "
                                    "(registry name, folder, .gguf or hub id).")

@@ -22,25 +22,24 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
-import traceback
 from pathlib import Path
 
-from afinar import events as ev
-from afinar import rundir
 from afinar.errors import AfinarError
 from afinar.serve import jobs as job_ops
-from afinar.serve.ids import new_id, now
+from afinar.serve.ids import now
+from afinar.serve.job_run import SETTINGS_ENV, retry_or_fail, train_job
 from afinar.serve.settings import ServeSettings, load_serve_settings
 from afinar.serve.store import Store
 from afinar.train import state as ckpt
-from afinar.train.control import Control, Stopped
 
 POLL_SECONDS = 0.5
-REQUEST_CHECK_SECONDS = 0.5
 
 
 def worker_name() -> str:
@@ -97,83 +96,6 @@ class Lease:
         self._thread.join(timeout=5)
 
 
-class _JobControl(Control):
-    """Pause or cancel, as the API wrote them into the job's row, or a stop at once when the
-    lease was lost; the row is read at most every REQUEST_CHECK_SECONDS (the run asks after
-    every step) and the last answer kept, also while the database cannot be read."""
-
-    def __init__(self, store: Store, job_id: str, lease: Lease | None = None):
-        self.store, self.job_id, self.lease = store, job_id, lease
-        self.read_at, self.value = float("-inf"), None
-
-    def requested(self) -> str | None:
-        if self.lease is not None and self.lease.lost.is_set():
-            return "cancel"
-        if time.monotonic() - self.read_at >= REQUEST_CHECK_SECONDS:
-            self.read_at = time.monotonic()
-            try:
-                row = self.store.job(self.job_id)
-                self.value = row["requested"] if row else None
-            except Exception:  # the database away for a moment: training goes on
-                pass
-        return self.value if self.value in ("pause", "cancel") else None
-
-
-class _JobEvents:
-    """Turns training events into job events, checkpoints and progress."""
-
-    def __init__(self, store: Store, job: dict, config):
-        self.store, self.job, self.config = store, job, config
-        self.last_eval: dict = {}
-
-    def __call__(self, event: ev.Event) -> None:
-        job_id = self.job["id"]
-        if isinstance(event, ev.Start):
-            self.store.update_job(job_id, hyperparameters=job_ops.resolved_hyperparameters(
-                event.epochs, self.config))
-            self.store.add_event(job_id, f"Fine-tuning job started: {event.total_steps} "
-                                 f"steps, {event.train_examples} training examples, "
-                                 f"{event.held_out_examples} held out")
-        elif isinstance(event, ev.Step):
-            metrics = event.metrics
-            data = {"step": event.step, "train_loss": metrics["train_loss"],
-                    "total_steps": event.total_steps}
-            if "train_token_accuracy" in metrics:
-                data["train_mean_token_accuracy"] = metrics["train_token_accuracy"]
-            data.update(_preference_metrics(metrics, "train", "train"))
-            self.store.add_event(job_id, f"Step {event.step}/{event.total_steps}: "
-                                 f"training loss={metrics['train_loss']:.4f}", type="metrics",
-                                 data=data)
-            self.store.update_job(job_id, estimated_finish=now() + int(event.eta_s))
-        elif isinstance(event, ev.Eval):
-            metrics = event.metrics
-            self.last_eval = {"valid_loss": metrics["eval_loss"]}
-            if "eval_token_accuracy" in metrics:
-                self.last_eval["valid_mean_token_accuracy"] = metrics["eval_token_accuracy"]
-            self.last_eval.update(_preference_metrics(metrics, "eval", "valid"))
-            self.store.add_event(job_id, f"Step {event.step}: validation loss="
-                                 f"{metrics['eval_loss']:.4f}", type="metrics",
-                                 data={"step": event.step, **self.last_eval,
-                                       **{"full_" + k: v for k, v in self.last_eval.items()}})
-        elif isinstance(event, ev.Checkpoint):
-            name = f"{self.job['model_name']}:ckpt-step-{event.step}"
-            metrics = {"step": event.step, "train_loss": event.train_loss, **self.last_eval}
-            self.store.add_checkpoint(job_id, event.step, metrics, name, event.path)
-        elif isinstance(event, ev.Log):
-            level = {"warning": "warn", "error": "error"}.get(event.level, "info")
-            self.store.add_event(job_id, event.message, level=level)
-        elif isinstance(event, ev.EvalPhase):
-            self.store.add_event(job_id, "Evaluation: " + event.message)
-
-
-def _preference_metrics(metrics: dict, source: str, prefix: str) -> dict:
-    """A preference run's reward metrics, named as the event data's other fields."""
-    names = ("preference_accuracy", "reward_margin", "chosen_logp_change",
-             "rejected_logp_change")
-    return {f"{prefix}_{n}": metrics[f"{source}_{n}"] for n in names
-            if f"{source}_{n}" in metrics}
-
-
 def _start_attempt(store: Store, settings: ServeSettings, job: dict, before: dict,
                    worker: str, step: Path | None) -> bool:
     """Says in the job's events which attempt this is and why; settles a job that must not run
@@ -217,9 +139,8 @@ def _last_problem(store: Store, job_id: str) -> str:
 def run_job(store: Store, settings: ServeSettings, job: dict, worker: str | None = None,
             before: dict | None = None) -> None:
     """Trains a claimed job to its end (or its pause, cancel or failure) while holding its
-    lease. `worker=None`: trains without a lease (a caller that owns the job outright)."""
-    from afinar.pipeline import fine_tune
-
+    lease: in this process, or in the processes of the settings' `launcher`. `worker=None`:
+    trains without a lease (a caller that owns the job outright)."""
     job_id = job["id"]
     run = Path(job["run_dir"])
     # A damaged newest checkpoint (bytes changed since it was written) is set aside here, so
@@ -229,82 +150,53 @@ def run_job(store: Store, settings: ServeSettings, job: dict, worker: str | None
     if worker is not None and not _start_attempt(store, settings, job, before or job, worker,
                                                  start):
         return
-    resume = start is not None
-    if not resume and run.exists():  # an earlier attempt died before its first checkpoint
+    if start is None and run.exists():  # an earlier attempt died before its first checkpoint
         shutil.rmtree(run, ignore_errors=True)
     lease = Lease(store, job_id, worker, settings.lease_seconds) if worker else None
-    mine = {"worker": worker} if worker else {}
     try:
-        config = job_ops.train_config(store, settings, job)
-        store.update_job(job_id, resume=0, **mine)
-        result = fine_tune(config, on_event=_JobEvents(store, job, config), resume=resume,
-                           control=_JobControl(store, job_id, lease))
-    except Stopped as stop:
-        if lease is not None and lease.lost.is_set():
-            print(f"{job_id}: lease lost to another worker; stopped", flush=True)
-            return
-        if stop.kind == "pause":
-            store.update_job(job_id, status="paused", requested=None, estimated_finish=None,
-                             lease_until=None, attempts=max(job["attempts"] - 1, 0), **mine)
-            where = f" at step {stop.step}" if stop.step is not None else ""
-            store.add_event(job_id, f"Fine-tuning job paused{where}; resume continues from "
-                            "there")
+        if settings.launcher and worker:
+            _launch(store, settings, job, worker, start is not None, lease)
         else:
-            store.update_job(job_id, status="cancelled", requested=None, finished_at=now(),
-                             estimated_finish=None, lease_until=None, **mine)
-            store.add_event(job_id, "Fine-tuning job cancelled")
-        return
-    except AfinarError as exc:  # the job's own problem: another attempt would fail alike
-        if store.update_job(job_id, when_status=("running",), lease_until=None, **mine):
-            job_ops.fail_job(store, job_id, "training_failed", exc.message +
-                             (f" ({exc.hint})" if exc.hint else ""))
-        return
-    except Exception as exc:  # a crash (a bug, a full disk, a broken checkpoint): try again
-        traceback.print_exc()
-        _retry_or_fail(store, settings, job, f"{exc.__class__.__name__}: {exc}", mine)
-        return
+            train_job(store, settings, job, worker, start is not None)
     finally:
         if lease is not None:
             lease.stop()
-    _succeed(store, job, result, mine, lease)
 
 
-def _retry_or_fail(store: Store, settings: ServeSettings, job: dict, error: str,
-                   mine: dict) -> None:
-    job_id = job["id"]
-    if job["attempts"] < settings.max_attempts and worker_holds(store, job_id, mine):
-        store.update_job(job_id, status="queued", lease_until=None, resume=1, **mine)
-        store.add_event(job_id, f"Attempt {job['attempts']} of {settings.max_attempts} "
-                        f"failed: {error}; the job is queued again", level="warn")
-    elif store.update_job(job_id, when_status=("running",), lease_until=None, **mine):
-        job_ops.fail_job(store, job_id, "server_error", error)
+def _launch(store: Store, settings: ServeSettings, job: dict, worker: str, resume: bool,
+            lease: Lease) -> None:
+    """The job in the launcher's processes (accelerate launch, torchrun); this worker keeps
+    the lease, stops them when it is lost, and records a crash they could not record."""
+    logs = store.folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{job['id']}-attempt-{job['attempts']}.log"
+    cmd = [*shlex.split(settings.launcher), "-m", "afinar.serve.job_run", "--job", job["id"],
+           "--worker", worker, "--state", str(store.folder), "--resume", str(int(resume))]
+    env = {**os.environ, SETTINGS_ENV: settings.model_dump_json()}
+    store.add_event(job["id"], f"Launching: {' '.join(cmd[:len(shlex.split(settings.launcher))])}")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    while proc.poll() is None:
+        if lease.lost.wait(0.5):
+            _stop_group(proc)
+            return
+    if proc.returncode != 0 and not lease.lost.is_set():
+        tail = log_path.read_text("utf-8", "replace").strip().splitlines()[-5:]
+        retry_or_fail(store, settings, job, f"the launched processes exited with status "
+                      f"{proc.returncode}: {' / '.join(tail)} (log: {log_path})",
+                      {"worker": worker})
 
 
-def worker_holds(store: Store, job_id: str, mine: dict) -> bool:
-    row = store.job(job_id)
-    return row is not None and row["status"] == "running" and \
-        (not mine or row["worker"] == mine["worker"])
-
-
-def _succeed(store: Store, job: dict, result, mine: dict, lease: Lease | None) -> None:
-    job_id = job["id"]
-    if lease is not None and lease.lost.is_set() or not worker_holds(store, job_id, mine):
-        print(f"{job_id}: finished, but another worker holds it now; not recorded", flush=True)
-        return
-    results_id = new_id("file-")
-    text = job_ops.results_csv(result.run_dir)
-    rundir.write_text_atomic(store.file_path(results_id), text)
-    store.add_file(results_id, "step_metrics.csv", len(text.encode()), "fine-tune-results",
-                   project=job.get("project") or "default")
-    info = rundir.read_run_info(result.run_dir)
-    if not store.update_job(job_id, when_status=("running",), status="succeeded",
-                            finished_at=now(), estimated_finish=None, lease_until=None,
-                            fine_tuned_model=job["model_name"], result_files=[results_id],
-                            trained_tokens=int(info.get("summary", {}).get("tokens_seen") or 0),
-                            **mine):
-        return
-    store.add_event(job_id, f"New fine-tuned model created: {job['model_name']}")
-    store.add_event(job_id, "The job has successfully completed")
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def serve_forever(store: Store, settings: ServeSettings, parent: int | None = None,
