@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from afinar.config import EngineName, StrictModel, build_config, read_yaml
 from afinar.models.registry import DEFAULT_MODEL
@@ -76,6 +76,20 @@ class ServeSettings(StrictModel):
                                      "file when a job has no validation_file (0: train on all).")
     evaluate_jobs: bool = Field(True, description="Run afinar's evaluation when a job ends.")
     home: str | None = Field(None, description="State folder; default AFINAR_HOME/serve.")
+
+    @model_validator(mode="after")
+    def _one_owner_per_key(self):
+        seen: dict[str, str] = {}
+        owners = [("api_keys", k) for k in self.api_keys] + [("admin_keys", k) for k in
+                                                             self.admin_keys]
+        owners += [(f"projects.{name}.keys", k) for name, p in self.projects.items()
+                   for k in p.keys]
+        for where, key in owners:
+            if key in seen and seen[key] != where:
+                raise ValueError(f"a key is listed in both {seen[key]} and {where}; each key "
+                                 "belongs to one project (or is an admin key)")
+            seen[key] = where
+        return self
 
     def state_dir(self) -> Path:
         return Path(self.home) if self.home else afinar_home() / "serve"
