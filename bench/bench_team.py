@@ -505,7 +505,9 @@ class Load:
                  models: dict | None = None, stream_every: int = 10, ft_every: int = 10):
         self.dep, self.clients, self.kind, self.max_tokens = dep, clients, kind, max_tokens
         self.models = models if models is not None else {}
-        self.stream_every, self.ft_every = stream_every, ft_every
+        self.ft_every = ft_every
+        self.streaming = {i for i in range(clients)
+                          if stream_every and i % stream_every == stream_every // 2}
         self.stop_event = threading.Event()
         self.records: list[tuple] = []  # (start, end, client kind, outcome, tokens)
         self.samples: dict[str, str] = {}
@@ -553,7 +555,7 @@ class Load:
                 if status is None:
                     time.sleep(0.05)
                 continue
-            streaming = self.stream_every and i % self.stream_every == self.stream_every // 2
+            streaming = i in self.streaming
             model = "tiny"
             kind = "stream" if streaming else "base"
             if self.ft_every and i % self.ft_every == 0 and self.models.get(project):

@@ -168,3 +168,21 @@ def test_a_bad_database_url_is_a_clear_error(tmp_path):
 
     with pytest.raises(AfinarError, match="invalid database URL"):
         Store(tmp_path / "state", "not a url")
+
+
+def test_a_postgres_restart_costs_a_reconnect_not_an_error(tmp_path):
+    from postgres import LocalPostgres
+
+    server = LocalPostgres().start(tmp_path / "pg")
+    try:
+        store = Store(tmp_path / "state", server.url)
+        _job(store, "ftjob-r")
+        server.restart()  # every pooled connection is dead now
+        store.add_event("ftjob-r", "after the restart")
+        assert store.events("ftjob-r")[0]["message"] == "after the restart"
+        server.kill()  # gone for a moment: the call waits for it instead of failing
+        threading.Timer(2.0, lambda: server.start(tmp_path / "pg")).start()
+        assert store.claim_job("w1", 60)[0]["id"] == "ftjob-r"
+        store.close()
+    finally:
+        server.stop()
