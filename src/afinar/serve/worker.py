@@ -29,6 +29,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from afinar.errors import AfinarError
@@ -220,7 +221,10 @@ def serve_forever(store: Store, settings: ServeSettings, parent: int | None = No
             time.sleep(POLL_SECONDS)
             continue
         job, before = claimed
-        run_job(store, settings, job, worker, before)
+        try:
+            run_job(store, settings, job, worker, before)
+        except Exception:  # e.g. the database away for longer than a store call waits:
+            traceback.print_exc()  # the lease runs out and a worker takes the job over
 
 
 def main() -> None:
