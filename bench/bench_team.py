@@ -781,8 +781,14 @@ class Bench:
         checked = check_events(events)
         warnings = [e["message"] for e in events if e["level"] in ("warn", "error")
                     and "examples" not in e["message"] and "system prompt" not in e["message"]]
+        around = []
+        marks = [i for i, e in enumerate(events) if RUNNING.match(e["message"])]
+        for mark in marks[1:]:  # what happened around each attempt after the first
+            around.append([f"{e['created_at']} {e['message'][:160]}"
+                           for e in events[max(0, mark - 4): mark + 10]])
         return {"job": job_id, "status": job.get("status"), "timed_out": job.get("timed_out",
                                                                                     False),
+                "around_later_attempts": around,
                 "error": job.get("error"), "events": checked, "warnings": warnings[:8],
                 "resumed": [e["message"] for e in events if "resumed from" in e["message"]
                             or "starts again" in e["message"] or "continues from" in
@@ -832,7 +838,7 @@ class Bench:
         files = {p: dep.upload(p, small, f"load-{p}.jsonl") for p in ("team-a", "team-b")}
         spec = job_spec(max_steps=4, save_steps=2, epochs=1)
         models: dict[str, str] = {}
-        load = Load(dep, args.clients, "chat", args.max_tokens, models).start()
+        load = Load(dep, args.clients, "chat", args.max_tokens, models, stream_every=0).start()
         rss_start = rss_mb(dep.api_proc.pid)
         submitted: list[tuple[str, str, float]] = []
         submit_errors: list[str] = []
@@ -894,8 +900,9 @@ class Bench:
                        and j["attempts"] == [1] for j in per_job)
         seconds = [j["seconds_from_submit_to_final"] for j in per_job
                    if j["seconds_from_submit_to_final"] is not None]
+        probe = self.stream_probe() if args.stream_probe else None
         return {"benchmark": "team-load", "minutes": args.minutes, "clients": args.clients,
-                "max_tokens": args.max_tokens, "chat": chat,
+                "max_tokens": args.max_tokens, "chat": chat, "stream_probe": probe,
                 "jobs": {"submitted": len(submitted), "succeeded": statuses.get("succeeded", 0),
                          "failed": statuses.get("failed", 0),
                          "other": {k: v for k, v in statuses.items()
@@ -908,6 +915,32 @@ class Bench:
                          "per_job": per_job},
                 "api_rss_mb": {"start": rss_start, "end": rss_end},
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+
+    def stream_probe(self) -> dict:
+        """`--clients` - 1 non-streaming chat clients and one streaming one for
+        --stream-probe seconds: does the API still answer (GET /v1/models) during and after?
+        A hung API is killed and started again, so that the run goes on."""
+        dep, seconds = self.main, self.args.stream_probe
+        clients = self.args.clients
+        log(f"stream probe: {clients - 1} chat clients + 1 streaming for {seconds:.0f} s")
+        load = Load(dep, clients, "chat", self.args.max_tokens, {}, stream_every=0, ft_every=0)
+        load.streaming = {0}
+        load.start()
+        time.sleep(seconds)
+        during = dep.admin.get("/models", timeout=10)[0]
+        load.stop(timeout=120)
+        result = load.summary()
+        after = dep.admin.get("/models", timeout=10)[0]
+        hung = after != 200
+        restart = None
+        if hung:
+            log("stream probe: the API does not answer; killing and starting it again")
+            dep.kill_api(signal.SIGKILL)
+            restart = dep.start_api()
+        return {"clients": clients - 1, "streaming_clients": 1, "seconds": seconds,
+                "chat": result, "models_status_during": during,
+                "models_status_after_clients_stopped": after, "api_hung": hung,
+                "api_restarted_in_s": restart}
 
     # --- section: faults ------------------------------------------------------------------------
     def section_faults(self) -> dict:
@@ -1130,8 +1163,9 @@ class Bench:
             at = time.monotonic()
             if how == "restart":
                 self.pg.restart()
-            else:
+            else:  # down for longer than a lease: the job's lease runs out meanwhile
                 self.pg.kill()
+                time.sleep(self.args.pg_down_seconds)
                 self.pg.start(self.pg.folder)
             outage_s = round(time.monotonic() - at, 2)
             back = time.monotonic()
@@ -1139,10 +1173,12 @@ class Bench:
             chat.stop()
             db.stop()
             result = self._finish_fault("d", "", job_id, None, None, {})
-            gap_chat = chat.summary(since=at, until=back + 5)
-            gap_db = db.summary(since=at, until=back + 5)
+            def overlapping(start, end):  # requests the outage could have touched
+                return start < back and end >= at
+            gap_chat = chat.summary(where=overlapping)
+            gap_db = db.summary(where=overlapping)
             result.update(
-                did=f"PostgreSQL {how} ({outage_s} s) under {self.args.fault_clients} chat "
+                did=f"PostgreSQL {how} (down {outage_s} s) under {self.args.fault_clients} chat "
                     f"clients, 4 database-bound clients and a training job",
                 postgres=how, outage_s=outage_s,
                 chat={"whole": chat.summary(), "around_outage": gap_chat},
@@ -1784,6 +1820,17 @@ def print_load(r: dict) -> None:
                   jobs["every_job_succeeded_exactly_once"], jobs["events_in_order"],
                   f"{jobs['submit_to_final_s']['p50']} / {jobs['submit_to_final_s']['max']}"]]))
     print(f"\nAPI RSS {r['api_rss_mb']['start']} → {r['api_rss_mb']['end']} MB")
+    probe = r.get("stream_probe")
+    if probe:
+        c = probe["chat"]
+        print(f"\nstream probe: {probe['clients']} non-streaming + {probe['streaming_clients']} "
+              f"streaming client(s), {probe['seconds']:.0f} s\n")
+        print(table(["requests", "served", "errors", "GET /v1/models during", "after the "
+                     "clients stopped", "API hung (restarted)"],
+                    [[c["requests"], c["served"], c["errors_by_status"] or "none",
+                      probe["models_status_during"], probe["models_status_after_clients_stopped"],
+                      f"{probe['api_hung']} ({probe['api_restarted_in_s']} s)"
+                      if probe["api_hung"] else False]]))
 
 
 def print_faults(r: dict) -> None:
@@ -1832,11 +1879,17 @@ def main() -> None:
     parser.add_argument("--fault-clients", type=int, default=20,
                         help="chat threads during faults c and d")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--stream-probe", type=float, default=30,
+                        help="seconds of the load's streaming probe (clients-1 non-streaming + 1 "
+                        "streaming client); 0: no probe")
     parser.add_argument("--fault-steps", type=int, default=160,
                         help="steps of the fault jobs (and the reference)")
     parser.add_argument("--fault-save-steps", type=int, default=20)
     parser.add_argument("--lease-seconds", type=float, default=6)
     parser.add_argument("--wrong-keys", type=int, default=1000)
+    parser.add_argument("--pg-down-seconds", type=float, default=8,
+                        help="fault d: PostgreSQL killed, down this long, started (default 8: "
+                        "longer than the lease)")
     parser.add_argument("--small-fs-mb", type=int, default=32,
                         help="size of the filesystem that fills up (fault e)")
     parser.add_argument("--only-faults", help="e.g. 'ab': only those faults")

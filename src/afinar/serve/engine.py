@@ -116,13 +116,21 @@ class Engine:
     def complete(self, name: str, conversation: list[dict], settings):
         """One completion; on llama.cpp, one request among those it batches; on transformers,
         waits while requests that arrived together are batched."""
+        return self.submit(name, conversation, settings).result()
+
+    def submit(self, name: str, conversation: list[dict], settings) -> Future:
+        """`complete` without waiting: a future of the completion. On transformers the batch
+        thread answers it, so an async caller awaits it without holding a worker thread (a
+        thread pool full of waiting requests would starve a streaming answer, which holds the
+        model while each of its chunks needs a thread)."""
         ref = self.resolve(name)  # unknown names fail here, not in the batch thread
+        future: Future = Future()
         with self._on_llama(ref) as model:
             if model is not None:
-                return model.complete([conversation], settings)[0]
-        future: Future = Future()
+                future.set_result(model.complete([conversation], settings)[0])
+                return future
         self._pending.put((name, conversation, settings, future))
-        return future.result()
+        return future
 
     def _batch_loop(self) -> None:
         while True:

@@ -3,6 +3,7 @@ server-sent events ending in `data: [DONE]`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Depends
@@ -75,7 +76,8 @@ async def completions(body: ChatRequest, engine: Engine = Depends(get_engine),
                                          created, include_usage),
                                  media_type="text/event-stream")
 
-    completion = await run_in_threadpool(engine.complete, body.model, conversation, settings)
+    future = await run_in_threadpool(engine.submit, body.model, conversation, settings)
+    completion = await asyncio.wrap_future(future)
     return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant",
