@@ -45,7 +45,8 @@ def test_another_projects_objects_are_404(app, tmp_path):
     store = app.http.app.state.store
     store.update_job(job.id, status="succeeded", fine_tuned_model="ft:tiny:afinar::x")
 
-    assert file.id in [f.id for f in a.files.list()] and file.id not in [f.id for f in b.files.list()]
+    assert file.id in [f.id for f in a.files.list()]
+    assert file.id not in [f.id for f in b.files.list()]
     assert job.id not in [j.id for j in b.fine_tuning.jobs.list()]
     assert "ft:tiny:afinar::x" not in [m.id for m in b.models.list()]
     assert "ft:tiny:afinar::x" in [m.id for m in a.models.list()]

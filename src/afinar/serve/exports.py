@@ -18,10 +18,13 @@ from pathlib import Path
 
 from afinar import rundir
 from afinar.errors import AfinarError
+from afinar.serve.errors import ApiError
 from afinar.serve.ids import new_id, now
 
 FORMATS = ("merged", "gguf", "gguf-adapter", "ollama")
 _LOG_TAIL = 2000  # characters of the child's output kept in a failed export's message
+# Finished exports whose record could not be written (a full disk), by id: still answered.
+_UNSAVED: dict[str, dict] = {}
 
 
 def exports_dir(state: Path) -> Path:
@@ -41,13 +44,40 @@ def start_export(state: Path, version_id: str, run_dir: str, to: str,
     record = {"id": export_id, "object": "export", "version": version_id, "format": to,
               "quant": quant, "status": "running", "created_at": now(), "finished_at": None,
               "result": None, "error": None}
-    log = open(folder / f"{export_id}.log", "wb")
+    log_path = folder / f"{export_id}.log"
+    try:  # the record first: a full disk stops the export before anything starts
+        _save(folder, record)
+        log = open(log_path, "wb")
+    except OSError as exc:
+        _discard(folder, export_id)
+        raise _storage_full(exc) from None
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
     record["pid"] = proc.pid
-    _save(folder, record)
+    try:
+        _save(folder, record)
+    except OSError as exc:  # no record of it could be kept: it must not run unseen
+        proc.kill()
+        proc.wait()
+        log.close()
+        _discard(folder, export_id)
+        raise _storage_full(exc) from None
     threading.Thread(target=_finish, args=(folder, record, proc, log), daemon=True).start()
     return _public(record)
+
+
+def _storage_full(exc: OSError) -> ApiError:
+    return ApiError(507, f"The server could not record the export: {exc.strerror or exc}. "
+                    "Nothing was started; free space in the server's state folder and try "
+                    "again.", code="storage_full")
+
+
+def _discard(folder: Path, export_id: str) -> None:
+    for name in (f"{export_id}.json", f"{export_id}.log"):
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _finish(folder: Path, record: dict, proc: subprocess.Popen, log) -> None:
@@ -63,7 +93,12 @@ def _finish(folder: Path, record: dict, proc: subprocess.Popen, log) -> None:
     else:
         tail = (folder / f"{record['id']}.log").read_text("utf-8", "replace")[-_LOG_TAIL:]
         record.update(status="failed", error=_reason(tail) or f"exit code {proc.returncode}")
-    _save(folder, record)
+    try:
+        _save(folder, record)
+    except OSError as exc:  # the disk is full: the answer is kept in memory instead
+        record.update(status="failed", error=f"the export's result could not be recorded: "
+                      f"{exc.strerror or exc}; free space and export again")
+        _UNSAVED[record["id"]] = record
 
 
 def _reason(log: str) -> str:
@@ -84,6 +119,8 @@ def list_exports(state: Path, version_id: str | None = None) -> list[dict]:
 
 
 def get_export(state: Path, export_id: str) -> dict:
+    if export_id in _UNSAVED:
+        return _public(_UNSAVED[export_id])
     file = exports_dir(state) / f"{export_id}.json"
     if not export_id.startswith("export-") or not file.is_file():
         raise AfinarError(f"no export {export_id!r}")

@@ -13,6 +13,7 @@ processes if it is lost.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import time
@@ -153,10 +154,18 @@ def train_job(store: Store, settings: ServeSettings, job: dict, worker: str | No
     except Exception as exc:  # a crash (a bug, a full disk, a broken checkpoint): try again
         traceback.print_exc()
         if main:
-            retry_or_fail(store, settings, job, f"{exc.__class__.__name__}: {exc}", mine)
+            retry_or_fail(store, settings, job, _problem(exc), mine)
         return
     if main:
         _succeed(store, job, result, mine, control)
+
+
+def _problem(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f": {exc.filename}" if exc.filename else ""
+        return (f"the server's storage is full ({exc.strerror}{where}); nothing half-written "
+                "is used: free space in the server's state folder")
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def retry_or_fail(store: Store, settings: ServeSettings, job: dict, error: str,

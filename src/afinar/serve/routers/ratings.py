@@ -69,7 +69,8 @@ def create(body: RatingCreate, store: Store = Depends(get_store),
 def list_ratings(after: Optional[str] = None, limit: int = Query(100, ge=1, le=1000),
                  store: Store = Depends(get_store), project: Project = Depends(get_project)):
     rows = store.ratings(after, limit + 1, project.view)
-    everything = store.ratings(project=project.view)  # human votes: few enough to tally on each request
+    # Human votes: few enough to tally on each request.
+    everything = store.ratings(project=project.view)
     result = page([rating_object(r) for r in rows[:limit]], len(rows) > limit)
     result["summary"] = {"votes": len(everything), "models": rating_ops.tally(everything),
                          "export": rating_ops.export(everything[::-1], "openai").summary()}
