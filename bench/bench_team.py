@@ -5,16 +5,19 @@ two `afinar worker` processes sharing a real PostgreSQL (tests/postgres.py) and 
     .venv/bin/python bench/bench_team.py load --minutes 3
     .venv/bin/python bench/bench_team.py faults --repeats 1
     .venv/bin/python bench/bench_team.py --smoke --out /tmp/team  # does it still run? (~6 min)
+    .venv/bin/python bench/bench_team.py --smoke --out /tmp/r.json --model DIR   # one file
 
 Sections (`load`, `faults`, `security`, `all`; default all), each written to OUT/team-SECTION.json
 (`--out` a folder, default bench/results; a path ending in .json gets every section in one file)
 and printed as markdown tables:
 
 - load: `--clients` (50) chat threads with the real `openai` client (max_retries=0, short
-  answers; a few of them stream, a few ask the project's newest fine-tuned model) for
+  answers; one in ten asks its project's newest fine-tuned model once there is one) for
   `--minutes`, while a job is submitted every 20-30 s (a few steps, alternating projects) for the
   two workers. Requests, errors by status, p50/p99 latency, chat tokens/s; jobs submitted /
-  succeeded / failed, each succeeded exactly once, events in order.
+  succeeded / failed, each succeeded exactly once, events in order. Then a stream probe
+  (`--stream-probe` s): 49 non-streaming clients and one streaming; does the API still answer?
+  (It deadlocked before commit b80846f; a hung API is killed and restarted so the run goes on.)
 - faults, each `--repeats` times, against a reference job trained without a fault first (same
   data, seed, hyperparameters): (a) SIGKILL of the training worker mid-training after its first
   checkpoint, (b) SIGKILL while a checkpoint is being written (inotify on the checkpoints folder),
@@ -1074,12 +1077,15 @@ class Bench:
                     os.kill(pid, signal.SIGSTOP)
                     tmp = folder / name
                     state = tmp / "state.pt"
-                    if into_state:
-                        for _ in range(200_000):
+                    if into_state:  # slices of 0.1 ms, growing to 5 ms, until state.pt has bytes
+                        slice_s, until = 1e-4, time.monotonic() + 10
+                        while time.monotonic() < until:
                             if not tmp.exists() or (state.exists() and state.stat().st_size):
                                 break
                             os.kill(pid, signal.SIGCONT)
+                            time.sleep(slice_s)
                             os.kill(pid, signal.SIGSTOP)
+                            slice_s = min(slice_s * 1.3, 5e-3)
                     if tmp.exists():
                         size = state.stat().st_size if state.exists() else None
                         os.kill(pid, signal.SIGKILL)
@@ -1432,6 +1438,8 @@ class Bench:
 
         def row(attempt, expected, status, body, ok, note=""):
             got = f"{status} {error_code(body) or ''}".strip()
+            if status is None and isinstance(body, str):  # no HTTP answer: say what happened
+                note = (note + "; " if note else "") + body[:200]
             rows.append({"attempt": attempt, "expected": expected, "got": got,
                          "ok": bool(ok), **({"note": note} if note else {})})
 
@@ -1463,6 +1471,19 @@ class Bench:
         long_job = dep.submit("team-a", a_file, job_spec(100000, 1000, epochs=50))
         dep.wait_job(long_job, 120, statuses=("running",) + FINAL)
         b_file = dep.upload("team-b", small, "b-own.jsonl")
+
+        client = b.sdk()
+        import openai
+
+        def sdk_try(attempt, expected, fn):
+            try:
+                fn()
+                row(attempt, "/".join(map(str, expected)), 200, {}, False, "it worked")
+            except openai.APIStatusError as exc:
+                expect(attempt, expected, exc.status_code, exc.body if isinstance(exc.body, dict)
+                       and "error" in exc.body else {"error": exc.body})
+            except Exception as exc:
+                row(attempt, "/".join(map(str, expected)), None, {}, False, repr(exc)[:200])
 
         # lists
         status, body = b.get("/files")
@@ -1519,19 +1540,6 @@ class Bench:
             expect(attempt, [404], status, body)
 
         # jobs and chat that would use team-a's objects
-        client = b.sdk()
-        import openai
-
-        def sdk_try(attempt, expected, fn):
-            try:
-                fn()
-                row(attempt, "/".join(map(str, expected)), 200, {}, False, "it worked")
-            except openai.APIStatusError as exc:
-                expect(attempt, expected, exc.status_code, exc.body if isinstance(exc.body, dict)
-                       and "error" in exc.body else {"error": exc.body})
-            except Exception as exc:
-                row(attempt, "/".join(map(str, expected)), None, {}, False, repr(exc)[:200])
-
         sdk_try("create a job on team-a's training file", [400, 404], lambda:
                 client.fine_tuning.jobs.create(model="tiny", training_file=a_file))
         sdk_try("create a job with team-a's validation file", [400, 404], lambda:
@@ -1607,9 +1615,13 @@ class Bench:
 
         # an upload over max_upload_mb (1 MB here), with and without Content-Length
         big = b'{"messages": []}\n' * (1_300_000 // 17)
-        body, ctype = multipart({"purpose": "fine-tune"}, "file", b"big.jsonl", big)
+        sdk_try("upload of 1.3 MB over max_upload_mb 1 (openai client)", [413], lambda:
+                client.files.create(file=("big.jsonl", big), purpose="fine-tune"))
+        body, ctype = multipart({"purpose": "fine-tune"}, "file", b"big.jsonl", big * 6)
         status, answer = b.call("POST", "/files", body, {"Content-Type": ctype})
-        expect("upload of 1.3 MB over max_upload_mb 1", [413], status, answer)
+        expect("upload of 7.8 MB with Python's urllib (sends the whole body, then reads)",
+               [413], status, answer)
+        body, ctype = multipart({"purpose": "fine-tune"}, "file", b"big.jsonl", big)
         status, answer = chunked_post(dep.base + "/files", body, ctype, KEYS["team-b"])
         expect("the same upload chunked (no Content-Length)", [413], status, answer)
         leftovers = [p.name for p in (dep.state / "files").iterdir()
@@ -1870,7 +1882,9 @@ def print_security(r: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="The team service (afinar serve --no-worker, "
+                                     "2 workers, PostgreSQL) under load, faults and "
+                                     "cross-project attempts.")
     parser.add_argument("section", nargs="?", default="all",
                         choices=["all", "load", "faults", "security"])
     parser.add_argument("--minutes", type=float, help="load duration (default 10; --smoke: 1)")

@@ -186,3 +186,15 @@ def test_a_postgres_restart_costs_a_reconnect_not_an_error(tmp_path):
         store.close()
     finally:
         server.stop()
+
+
+def test_a_worker_that_lost_its_job_adds_nothing_to_it(store):
+    _job(store, "ftjob-s")
+    store.claim_job("w-old", lease_seconds=0.1)
+    time.sleep(0.2)
+    store.claim_job("w-new", 60)  # took over
+    assert not store.add_event("ftjob-s", "Step 51/160 from the old worker", worker="w-old")
+    store.add_checkpoint("ftjob-s", 50, {}, "ft:x:ckpt-step-50", str(store.folder), worker="w-old")
+    assert store.add_event("ftjob-s", "Step 41/160", worker="w-new")
+    assert [e["message"] for e in store.events("ftjob-s")] == ["Step 41/160"]
+    assert store.checkpoints("ftjob-s") == []

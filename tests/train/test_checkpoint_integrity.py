@@ -36,6 +36,16 @@ def test_a_damaged_newest_checkpoint_is_set_aside(tmp_path):
     assert ckpt.latest_checkpoint(run).name == "step-000005"  # the damaged one is out of sight
 
 
+def test_a_write_that_never_finished_is_cleared_before_resuming(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 4)
+    partial = run / "checkpoints" / ".tmp-killed"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"half")
+    assert ckpt.intact_checkpoint(run).name == "step-000004"
+    assert not partial.exists()
+
+
 def test_a_truncated_only_checkpoint_leaves_nothing_to_resume(tmp_path):
     run = tmp_path / "run"
     _save(run, 3)

@@ -59,20 +59,22 @@ class _JobControl(Control):
 
 
 class _JobEvents:
-    """Turns training events into job events, checkpoints and progress."""
+    """Turns training events into job events, checkpoints and progress; with `worker`, each
+    is written only while that worker holds the job."""
 
-    def __init__(self, store: Store, job: dict, config):
+    def __init__(self, store: Store, job: dict, config, worker: str | None = None):
         self.store, self.job, self.config = store, job, config
+        self.mine = {"worker": worker} if worker else {}
         self.last_eval: dict = {}
 
     def __call__(self, event: ev.Event) -> None:
         job_id = self.job["id"]
         if isinstance(event, ev.Start):
-            self.store.update_job(job_id, hyperparameters=job_ops.resolved_hyperparameters(
-                event.epochs, self.config))
-            self.store.add_event(job_id, f"Fine-tuning job started: {event.total_steps} "
-                                 f"steps, {event.train_examples} training examples, "
-                                 f"{event.held_out_examples} held out")
+            resolved = job_ops.resolved_hyperparameters(event.epochs, self.config)
+            self.store.update_job(job_id, **self.mine, hyperparameters=resolved)
+            self._event(f"Fine-tuning job started: {event.total_steps} steps, "
+                        f"{event.train_examples} training examples, "
+                        f"{event.held_out_examples} held out")
         elif isinstance(event, ev.Step):
             metrics = event.metrics
             data = {"step": event.step, "train_loss": metrics["train_loss"],
@@ -80,29 +82,34 @@ class _JobEvents:
             if "train_token_accuracy" in metrics:
                 data["train_mean_token_accuracy"] = metrics["train_token_accuracy"]
             data.update(_preference_metrics(metrics, "train", "train"))
-            self.store.add_event(job_id, f"Step {event.step}/{event.total_steps}: "
-                                 f"training loss={metrics['train_loss']:.4f}", type="metrics",
-                                 data=data)
-            self.store.update_job(job_id, estimated_finish=now() + int(event.eta_s))
+            self._event(f"Step {event.step}/{event.total_steps}: "
+                        f"training loss={metrics['train_loss']:.4f}", type="metrics", data=data)
+            self.store.update_job(job_id, **self.mine,
+                                  estimated_finish=now() + int(event.eta_s))
         elif isinstance(event, ev.Eval):
             metrics = event.metrics
             self.last_eval = {"valid_loss": metrics["eval_loss"]}
             if "eval_token_accuracy" in metrics:
                 self.last_eval["valid_mean_token_accuracy"] = metrics["eval_token_accuracy"]
             self.last_eval.update(_preference_metrics(metrics, "eval", "valid"))
-            self.store.add_event(job_id, f"Step {event.step}: validation loss="
-                                 f"{metrics['eval_loss']:.4f}", type="metrics",
-                                 data={"step": event.step, **self.last_eval,
-                                       **{"full_" + k: v for k, v in self.last_eval.items()}})
+            self._event(f"Step {event.step}: validation loss={metrics['eval_loss']:.4f}",
+                        type="metrics", data={"step": event.step, **self.last_eval, **{
+                            "full_" + k: v for k, v in self.last_eval.items()}})
         elif isinstance(event, ev.Checkpoint):
             name = f"{self.job['model_name']}:ckpt-step-{event.step}"
             metrics = {"step": event.step, "train_loss": event.train_loss, **self.last_eval}
-            self.store.add_checkpoint(job_id, event.step, metrics, name, event.path)
+            self.store.add_checkpoint(job_id, event.step, metrics, name, event.path,
+                                      **self.mine)
         elif isinstance(event, ev.Log):
+            if "afinar train --resume" in event.message:
+                return  # the CLI's hint, with the server's path: a job resumes by itself
             level = {"warning": "warn", "error": "error"}.get(event.level, "info")
-            self.store.add_event(job_id, event.message, level=level)
+            self._event(event.message, level=level)
         elif isinstance(event, ev.EvalPhase):
-            self.store.add_event(job_id, "Evaluation: " + event.message)
+            self._event("Evaluation: " + event.message)
+
+    def _event(self, message: str, **kw) -> None:
+        self.store.add_event(self.job["id"], message, **kw, **self.mine)
 
 
 def _preference_metrics(metrics: dict, source: str, prefix: str) -> dict:
@@ -128,8 +135,8 @@ def train_job(store: Store, settings: ServeSettings, job: dict, worker: str | No
         config = job_ops.train_config(store, settings, job)
         if main:
             store.update_job(job_id, resume=0, **mine)
-        result = fine_tune(config, on_event=_JobEvents(store, job, config) if main else None,
-                           resume=resume, control=control)
+        listener = _JobEvents(store, job, config, worker) if main else None
+        result = fine_tune(config, on_event=listener, resume=resume, control=control)
     except Stopped as stop:
         if control.lost or not main:
             print(f"{job_id}: another worker holds this job now; stopped", flush=True)

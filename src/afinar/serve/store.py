@@ -42,6 +42,13 @@ def _encode(values: dict) -> dict:
             for k, v in values.items()}
 
 
+def _held(connection, job_id: str, worker: str) -> bool:
+    """Whether `worker` holds the job; the row stays locked until the transaction ends, so a
+    claim cannot take the job over in between."""
+    return connection.execute(sa.select(t.jobs.c.worker).where(t.jobs.c.id == job_id)
+                              .with_for_update()).scalar() == worker
+
+
 def _in_project(table: sa.Table, project: str | None):
     return sa.true() if project is None else table.c.project == project
 
@@ -200,10 +207,17 @@ class Store:
 
     # --- events -----------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message",
-                  data: dict | None = None) -> None:
-        self._write(lambda c: c.execute(t.events.insert().values(
-            id=new_id("ftevent-"), job_id=job_id, created_at=now(), level=level,
-            message=message, type=type, data=json.dumps(data) if data is not None else None)))
+                  data: dict | None = None, worker: str | None = None) -> bool:
+        """With `worker`, only while that worker holds the job (a worker that lost its lease
+        during a database outage must not add to the job another worker now trains)."""
+        def work(c):
+            if worker is not None and not _held(c, job_id, worker):
+                return False
+            c.execute(t.events.insert().values(
+                id=new_id("ftevent-"), job_id=job_id, created_at=now(), level=level,
+                message=message, type=type, data=json.dumps(data) if data is not None else None))
+            return True
+        return self._write(work)
 
     def events(self, job_id: str, after: str | None = None, limit: int = 20) -> list[dict]:
         """Newest first, like OpenAI's list_events."""
@@ -219,8 +233,10 @@ class Store:
 
     # --- checkpoints ------------------------------------------------------------------------
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_name: str,
-                       path: str) -> None:
+                       path: str, worker: str | None = None) -> None:
         def work(c):  # a step checkpointed again (a resumed attempt) replaces the old row
+            if worker is not None and not _held(c, job_id, worker):
+                return
             c.execute(t.checkpoints.delete().where(t.checkpoints.c.model_name == model_name))
             c.execute(t.checkpoints.insert().values(
                 id=new_id("ftckpt-"), job_id=job_id, created_at=now(), step_number=step,

@@ -127,7 +127,12 @@ def damage(checkpoint: Path) -> str | None:
 
 def intact_checkpoint(run: Path, say: Callable[..., None] | None = None) -> Path | None:
     """The newest checkpoint whose bytes are as written; damaged newer ones are renamed
-    damaged-step-N (kept for a look, never resumed from) and reported through `say`."""
+    damaged-step-N (kept for a look, never resumed from) and reported through `say`. Temp
+    folders of writes that never finished (a killed process, a full disk) are removed: this
+    runs before the run resumes, when nothing else writes to it."""
+    folder = checkpoints_dir(run)
+    for partial in folder.glob(".tmp-*") if folder.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)
     while (newest := latest_checkpoint(run)) is not None:
         reason = damage(newest)
         if reason is None:
