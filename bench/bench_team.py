@@ -4,7 +4,7 @@ two `afinar worker` processes sharing a real PostgreSQL (tests/postgres.py) and 
     .venv/bin/python bench/bench_team.py                          # all sections, 10 min load
     .venv/bin/python bench/bench_team.py load --minutes 3
     .venv/bin/python bench/bench_team.py faults --repeats 1
-    .venv/bin/python bench/bench_team.py --smoke --out /tmp/team  # does it still run? (~6 min)
+    .venv/bin/python bench/bench_team.py --smoke --out /tmp/team  # does it still run? (fault a only)
     .venv/bin/python bench/bench_team.py --smoke --out /tmp/r.json --model DIR   # one file
 
 Sections (`load`, `faults`, `security`, `all`; default all), each written to OUT/team-SECTION.json
@@ -1921,10 +1921,13 @@ def main() -> None:
     _smoke.add_flag(parser)
     args = parser.parse_args()
     out = _smoke.out_path(parser, args, ROOT / "bench" / "results")
-    args.minutes = args.minutes if args.minutes is not None else (1 if args.smoke else 10)
+    args.minutes = args.minutes if args.minutes is not None else (0.25 if args.smoke else 10)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 2)
-    if args.smoke:
-        args.wrong_keys = min(args.wrong_keys, 200)
+    if args.smoke:  # does it still run? (the test suite runs this): one fault, short load
+        args.wrong_keys = min(args.wrong_keys, 100)
+        args.stream_probe = min(args.stream_probe, 5)
+        args.fault_steps = min(args.fault_steps, 60)
+        args.only_faults = args.only_faults or "a"
     single = out.suffix == ".json"
     folder = out.parent if single else out
     folder.mkdir(parents=True, exist_ok=True)

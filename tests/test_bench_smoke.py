@@ -172,6 +172,22 @@ def check_llama_repack(r: dict) -> None:
     _positive(row["off_vs_on_prefill"])
 
 
+def check_team(r: dict) -> None:
+    """The team service (PostgreSQL, `serve --no-worker`, 2 workers): a short load, one worker
+    SIGKILLed mid-job and taken over, and every cross-project attempt."""
+    load, faults, security = r["load"], r["faults"], r["security"]
+    for section in (load, faults, security):
+        assert section["smoke"] is True and "bench_error" not in section, section.get("bench_error")
+        assert section["stray_processes_after_teardown"]["ours_still_running"] == []
+    assert load["chat"]["served"] > 0 and load["chat"]["errors_5xx"] == 0
+    assert load["jobs"]["every_job_succeeded_exactly_once"] and load["jobs"]["events_in_order"]
+    assert load["stream_probe"]["api_hung"] is False
+    (run,) = faults["runs"]
+    assert run["fault"] == "a" and run["ended"] == "succeeded" and not run["job_lost"]
+    assert run["adapter"]["equal"] is True
+    assert security["failed"] == 0, [row for row in security["rows"] if not row["ok"]]
+
+
 def check_serve(r: dict) -> None:
     assert r["smoke"] is True and r["max_tokens"] == 4
     one = r["single_request"]
@@ -291,6 +307,7 @@ BENCHES = {
     "bench_plan.py": (True, check_plan),
     "bench_serve.py": (True, check_serve),
     "bench_share_cores.py": (True, check_share_cores),
+    "bench_team.py": (True, check_team),
     "bench_train.py": (True, check_train),
     "gpu_qlora.py": (False, check_gpu_qlora),
 }

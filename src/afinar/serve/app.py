@@ -29,6 +29,7 @@ from afinar.serve.web import pages
 
 
 _FORM_SLACK = 64 * 1024  # multipart boundaries and the other form fields
+_DRAIN_BYTES = 64 * 2**20  # of an oversized upload, read and dropped before its 413
 
 
 def start_workers(settings: ServeSettings, config_path: str | None = None) -> list:
@@ -86,6 +87,14 @@ def create_app(settings: ServeSettings, config_path: str | None = None,
         length = request.headers.get("content-length", "")
         if (request.method == "POST" and request.url.path.rstrip("/") == "/v1/files"
                 and length.isdigit() and int(length) > settings.max_upload_bytes + _FORM_SLACK):
+            # Read (and drop) what the client sends before answering, up to _DRAIN_BYTES: a
+            # client that reads the answer only after sending its whole body (Python's urllib)
+            # would otherwise see its connection reset instead of the 413.
+            drained = 0
+            async for chunk in request.stream():
+                drained += len(chunk)
+                if drained > _DRAIN_BYTES:
+                    break
             return envelope(413, f"File is too large: the limit is {settings.max_upload_mb:g} "
                             "MB (max_upload_mb in the server settings).", param="file",
                             code="file_too_large")
