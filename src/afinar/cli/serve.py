@@ -44,7 +44,9 @@ def serve(
             console.print("[dim]no API keys configured: loopback only; any key is accepted[/]")
         settings = settings.model_copy(update={"host": "127.0.0.1"})
     from afinar.serve.database import database_url, describe
+    from afinar.serve.store import Store
 
+    Store(settings.state_dir(), settings.database_url).close()  # a bad URL: said here, plainly
     workers = ("no training workers: start `afinar worker`" if no_worker else
                f"{settings.concurrent_jobs} training worker"
                f"{'s' if settings.concurrent_jobs > 1 else ''}")

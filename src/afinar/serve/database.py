@@ -76,7 +76,8 @@ class Database:
                                                max_overflow=20, pool_recycle=1800)
             except ModuleNotFoundError as exc:
                 raise AfinarError(f"the database driver is not installed ({exc.name})",
-                                  hint="pip install 'afinar[postgres]' (psycopg)") from None
+                                  hint="afinar's state is in SQLite or PostgreSQL; for "
+                                  "PostgreSQL: pip install 'afinar[postgres]' (psycopg)") from None
             self.reader = self.writer
 
     def describe(self) -> str:
