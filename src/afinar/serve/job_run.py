@@ -177,12 +177,14 @@ def _problem(exc: Exception) -> str:
 
 def retry_or_fail(store: Store, settings: ServeSettings, job: dict, error: str,
                    mine: dict) -> None:
-    job_id = job["id"]
-    if job["attempts"] < settings.max_attempts and worker_holds(store, job_id, mine):
-        store.update_job(job_id, status="queued", lease_until=None, resume=1, **mine)
-        store.add_event(job_id, f"Attempt {job['attempts']} of {settings.max_attempts} "
-                        f"failed: {error}; the job is queued again", level="warn")
-    elif store.update_job(job_id, when_status=("running",), lease_until=None, **mine):
+    """Queues the job again, or fails it when out of attempts; the guarded updates change
+    nothing when this worker no longer holds the job."""
+    job_id, held = job["id"], {"when_status": ("running",), **mine}
+    if job["attempts"] < settings.max_attempts:
+        if store.update_job(job_id, status="queued", lease_until=None, resume=1, **held):
+            store.add_event(job_id, f"Attempt {job['attempts']} of {settings.max_attempts} "
+                            f"failed: {error}; the job is queued again", level="warn")
+    elif store.update_job(job_id, lease_until=None, **held):
         job_ops.fail_job(store, job_id, "server_error", error)
 
 

@@ -39,18 +39,19 @@ def _get(ref: str, store: Store, project: Project) -> Version:
             version = registry.get(ref)
         except AfinarError as exc:
             raise ApiError(404, exc.message, param="version", code="version_not_found") from None
-    if not _visible(version, store, project):  # as if it did not exist, as OpenAI does
+    if not _visible(version, _jobs_by_run(store), project):  # a 404, as OpenAI answers
         raise ApiError(404, f"No model version '{ref}'.", param="version",
                        code="version_not_found")
     return version
 
 
-def _visible(version: Version, store: Store, project: Project) -> bool:
-    """A job's run belongs to the job's project; runs trained outside the server (`afinar
-    train` on this machine) to the project 'default'. An admin key sees every version."""
+def _visible(version: Version, jobs: dict[str, dict], project: Project) -> bool:
+    """A job's run belongs to the job's project (`jobs`: _jobs_by_run); runs trained outside
+    the server (`afinar train` on this machine) to the project 'default'. An admin key sees
+    every version."""
     if project.view is None:
         return True
-    job = _jobs_by_run(store).get(version.path)
+    job = jobs.get(version.path)
     return (job["project"] if job else "default") == project.view
 
 
@@ -95,8 +96,7 @@ def list_versions(store: Store = Depends(get_store), project: Project = Depends(
     with open_registry() as registry:
         versions = registry.list()
     jobs = _jobs_by_run(store)
-    mine = [v for v in versions if project.view is None
-            or (jobs[v.path]["project"] if v.path in jobs else "default") == project.view]
+    mine = [v for v in versions if _visible(v, jobs, project)]
     return page([version_object(v, jobs.get(v.path)) for v in mine], False)
 
 
