@@ -196,7 +196,7 @@ class Deployment:
                          "team-b": {"keys": [KEYS["team-b"]]},
                          "team-c": {"keys": [KEYS["team-c"]], "max_files": 3,
                                     "max_storage_mb": 0.5}},
-            "admin_keys": [ADMIN], "lease_seconds": lease, "max_attempts": 3,
+            "admin_keys": [ADMIN], "lease_seconds": lease, "max_attempts": 3, "retry_seconds": 1,
             "models": {"tiny": model}, "evaluate_jobs": False, "engine": engine,
             "max_upload_mb": 1, **(extra or {})}
         import yaml

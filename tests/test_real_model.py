@@ -45,8 +45,12 @@ def test_demo_teaches_the_format_and_the_report_says_so(demo_run):
     for side in ("model", "baseline"):
         seen = sum(bool(re.fullmatch(fmt["regex"], r[side]["answer"].strip())) for r in triage)
         assert seen / len(triage) == pytest.approx(adherence[side]), side
-    # Tuned answers stop by themselves: shorter than the generation budget allows.
-    assert all(len(r["model"]["answer"]) < 600 for r in triage)
+    # Most tuned answers stop by themselves, well short of the generation budget (173 tokens,
+    # 450-600 characters of Spanish). A 135M model loops a phrase to the budget on a few: 3 of
+    # 19 here (avx512_bf16), their lengths 454-587 characters; one such loop ran past 600 on an
+    # earlier run, so the test counts the answers that stopped instead of bounding the longest.
+    stopped = sum(len(r["model"]["answer"]) < 400 for r in triage)
+    assert stopped >= 0.75 * len(triage), [len(r["model"]["answer"]) for r in triage]
 
     # The general prompts were answered by both models and compared.
     assert report["regressions"]["summary"]["prompts"] == 24
@@ -54,3 +58,24 @@ def test_demo_teaches_the_format_and_the_report_says_so(demo_run):
     assert "Format adherence" in done.stdout and "held-out loss" in done.stdout
     with open_registry() as registry:
         assert registry.get(str(run)).metrics["check:format_adherence"] == adherence["model"]
+
+
+def test_the_reports_answers_come_again_from_a_fresh_engine(demo_run):
+    # Evaluation answers on llama.cpp repeat run after run: afinar queues a call's prompts in
+    # one request, so which share a batch does not depend on timing (llama.cpp's slots are not
+    # batch-invariant; one request per prompt changed 4-6 of these 36 answers between runs).
+    # The held-out answers are the evaluation's first call on its server: a fresh server given
+    # the same call answers exactly as the report says.
+    from afinar.engines import open_model
+    from afinar.infer.generate import GenerationSettings
+
+    run, _ = demo_run
+    report = json.loads((run / "report.json").read_text())
+    assert report["engine"]["model"]["engine"] == "llama.cpp"
+    model = open_model(str(run), "llamacpp", notify=lambda message: None)
+    try:
+        settings = GenerationSettings(max_new_tokens=report["generation"]["max_new_tokens"])
+        again = model.generate([r["prompt"] for r in report["examples"]], settings)
+    finally:
+        model.close()
+    assert again == [r["model"]["answer"] for r in report["examples"]]

@@ -77,6 +77,38 @@ def test_a_claim_is_leased_renewed_and_taken_over_when_it_expires(store):
     assert store.job("ftjob-1")["status"] == "running"
 
 
+def test_a_crashed_attempt_waits_before_the_next_one_and_the_wait_doubles(store):
+    # A full disk failed all three attempts of a job within seconds (bench_team.py, fault e):
+    # each retry now waits retry_seconds, doubled per attempt, before a worker claims it.
+    from afinar.serve.job_run import retry_or_fail
+    from afinar.serve.settings import ServeSettings
+
+    settings = ServeSettings(retry_seconds=1, max_attempts=3)
+    _job(store, "ftjob-r")
+    job, _ = store.claim_job("w1", 30)
+    retry_or_fail(store, settings, job, "OSError: No space left on device", {"worker": "w1"})
+    row = store.job("ftjob-r")
+    assert row["status"] == "queued" and row["resume"] == 1
+    assert "Attempt 1 of 3 failed: OSError: No space left on device; the job is queued again " \
+        "and starts again in 1 s at the earliest" == store.events("ftjob-r", limit=1)[0]["message"]
+    _job(store, "ftjob-later")  # a younger job is not held up by the waiting one
+    assert store.claim_job("w2", 30)[0]["id"] == "ftjob-later"
+    assert store.claim_job("w2", 30) is None
+    time.sleep(1.1)
+    job, _ = store.claim_job("w2", 30)
+    assert (job["id"], job["attempts"]) == ("ftjob-r", 2)
+    started = time.time()
+    retry_or_fail(store, settings, job, "OSError: again", {"worker": "w2"})
+    assert 1.9 < store.job("ftjob-r")["lease_until"] - started <= 2.1  # doubled
+    # The last attempt's failure fails the job at once.
+    store.update_job("ftjob-r", lease_until=None)  # its wait over
+    job, _ = store.claim_job("w3", 30)
+    assert job["attempts"] == 3
+    retry_or_fail(store, settings, job, "OSError: still", {"worker": "w3"})
+    row = store.job("ftjob-r")
+    assert row["status"] == "failed" and "OSError: still" in row["error"]["message"]
+
+
 def test_concurrent_workers_claim_each_job_once(store):
     for i in range(12):
         _job(store, f"ftjob-{i:02d}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -228,7 +229,7 @@ class LlamaServer:
             self._start_locked()
             return self._client
 
-    def _body(self, prompt_ids: list[int], n_predict: int, lora: int | None, temperature: float,
+    def _body(self, prompt_ids: list, n_predict: int, lora: int | None, temperature: float,
               top_p: float, seed: int | None, stop: list[str], stream: bool) -> dict:
         body = {"prompt": prompt_ids, "n_predict": n_predict, "temperature": temperature,
                 "stop": stop,
@@ -272,6 +273,31 @@ class LlamaServer:
             raise EngineUnavailable(f"llama-server answered {reply.status_code}: "
                                     f"{reply.text[:300]}")
         return reply.json()
+
+    def complete_many(self, prompts: list[list[int]], n_predict: int, lora: int | None = None,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                      stop: list[str] | None = None) -> list[dict]:
+        """`complete` for several prompts in one request: llama-server queues them together, so
+        which prompts share a batch, and so the answers, do not depend on when requests arrive
+        (its slots are not batch-invariant: llama.cpp #6583, #7052)."""
+        if len(prompts) == 1:
+            return [self.complete(prompts[0], n_predict, lora, temperature, top_p, seed, stop)]
+        client = self._ready_client()
+        body = self._body(prompts, n_predict, lora, temperature, top_p, seed, stop or [], False)
+        # Each slot answers its share of the prompts one after another.
+        timeout = self.request_timeout_s * math.ceil(len(prompts) / self.slots)
+        try:
+            reply = client.post("/completion", json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from None
+        if reply.status_code != 200:
+            raise EngineUnavailable(f"llama-server answered {reply.status_code}: "
+                                    f"{reply.text[:300]}")
+        results = sorted(reply.json(), key=lambda r: r["index"])
+        if len(results) != len(prompts):
+            raise EngineUnavailable(f"llama-server answered {len(results)} of {len(prompts)} "
+                                    "prompts")
+        return results
 
     def stream(self, prompt_ids: list[int], n_predict: int, lora: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,

@@ -177,13 +177,17 @@ def _problem(exc: Exception) -> str:
 
 def retry_or_fail(store: Store, settings: ServeSettings, job: dict, error: str,
                    mine: dict) -> None:
-    """Queues the job again, or fails it when out of attempts; the guarded updates change
-    nothing when this worker no longer holds the job."""
+    """Queues the job again, not to be claimed for `retry_seconds` (doubled per attempt; the
+    queued job's lease_until holds the moment), or fails it when out of attempts; the guarded
+    updates change nothing when this worker no longer holds the job."""
     job_id, held = job["id"], {"when_status": ("running",), **mine}
     if job["attempts"] < settings.max_attempts:
-        if store.update_job(job_id, status="queued", lease_until=None, resume=1, **held):
+        delay = settings.retry_seconds * 2 ** (job["attempts"] - 1)
+        if store.update_job(job_id, status="queued", lease_until=time.time() + delay, resume=1,
+                            **held):
+            when = f" and starts again in {delay:.0f} s at the earliest" if delay >= 1 else ""
             store.add_event(job_id, f"Attempt {job['attempts']} of {settings.max_attempts} "
-                            f"failed: {error}; the job is queued again", level="warn")
+                            f"failed: {error}; the job is queued again{when}", level="warn")
     elif store.update_job(job_id, lease_until=None, **held):
         job_ops.fail_job(store, job_id, "server_error", error)
 

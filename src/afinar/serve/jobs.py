@@ -245,7 +245,8 @@ def pause_job(store: Store, job_id: str, project: str | None = None) -> dict:
 
 def resume_job(store: Store, job_id: str, project: str | None = None) -> dict:
     _job_in(store, job_id, "paused", "resumed", project)
-    store.update_job(job_id, when_status=("paused",), status="queued", resume=1, requested=None)
+    store.update_job(job_id, when_status=("paused",), status="queued", resume=1, requested=None,
+                     lease_until=None)
     store.add_event(job_id, "Fine-tuning job resumed; queued")
     return store.job(job_id)
 

@@ -55,6 +55,10 @@ class ServeSettings(StrictModel):
                                  "taken over once it expires.")
     max_attempts: int = Field(3, ge=1, description="Workers a job may be started on (lost "
                               "workers and crashes count) before it fails with the last error.")
+    retry_seconds: float = Field(30, ge=0, description="How long a job whose attempt crashed "
+                                 "waits before the next one, doubled at each further attempt, "
+                                 "so a full disk or a machine's fault has time to clear instead "
+                                 "of every attempt being spent in seconds.")
     launcher: str | None = Field(None, description="Runs each job in the processes this "
                                  "command starts (e.g. 'accelerate launch --config_file "
                                  "configs/accelerate/fsdp.yaml --num_processes 8' or "

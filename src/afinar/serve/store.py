@@ -161,8 +161,9 @@ class Store:
         return bool(self._write(lambda c: c.execute(statement).rowcount))
 
     def claim_job(self, worker: str, lease_seconds: float) -> tuple[dict, dict] | None:
-        """The oldest job a worker may take: a queued one, or a running one whose worker's
-        lease has expired (it died, or its machine vanished). It becomes this worker's, leased
+        """The oldest job a worker may take: a queued one (once the wait after a crashed
+        attempt, held in its lease_until, is over), or a running one whose worker's lease has
+        expired (it died, or its machine vanished). It becomes this worker's, leased
         for `lease_seconds`, its attempts counted. Returns (job as it is now, job as it was),
         or None. On PostgreSQL, FOR UPDATE SKIP LOCKED lets workers claim at the same time
         without taking the same job or waiting for each other; SQLite's writers take turns."""
@@ -170,7 +171,8 @@ class Store:
             moment = time.time()
             found = c.execute(
                 sa.select(t.jobs).where(sa.or_(
-                    t.jobs.c.status == "queued",
+                    sa.and_(t.jobs.c.status == "queued",
+                            sa.or_(t.jobs.c.lease_until.is_(None), t.jobs.c.lease_until < moment)),
                     sa.and_(t.jobs.c.status == "running", t.jobs.c.lease_until < moment)))
                 .order_by(t.jobs.c.seq).limit(1).with_for_update(skip_locked=True)).first()
             if found is None:
