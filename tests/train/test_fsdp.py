@@ -1,6 +1,6 @@
 """FSDP2 with the shipped accelerate config, two CPU processes over gloo: a run stopped after 3
 steps and resumed with `--resume RUN --set max_steps=6` matches a DDP run straight to 6 steps at
-every step (and DDP matches one process: tests/train/test_distributed.py); its checkpoints hold
+every step, to float rounding (and DDP matches one process: tests/train/test_distributed.py); its checkpoints hold
 full tensors.
 
 accelerate routes FSDP only on GPUs; afinar routes it on CPU (train/sharding.py), so the code
@@ -32,8 +32,16 @@ def test_fsdp_trains_like_ddp_checkpoints_full_tensors_and_resumes(tmp_path, tin
     assert "resumed from" in resumed.stderr and "(step 3, epoch 1)" in resumed.stderr
     launch_train("ddp.yaml", small_chat_file, tiny_model_dir, ddp, COMMON + ["max_steps=6"])
 
-    # Same data order, dropout and numbers at every step, before and after the resume.
-    assert losses(fsdp) == losses(ddp)
+    # Same data order, dropout and numbers at every step, before and after the resume. Equal to
+    # float rounding, not bit for bit: FSDP's reduce-scatter sums the ranks' gradients in another
+    # order than DDP's all-reduce (grad norms part in the 7th digit from step 2; a loss once
+    # rounded to 6 decimals on either side of a 5: 5.947939 vs 5.947938, AMX CPU). A wrong data
+    # order, dropout mask or restored RNG moves a loss by far more than 1e-6 of itself.
+    sharded, replicated = losses(fsdp), losses(ddp)
+    assert [(kind, step) for kind, step, _ in sharded] == [(kind, step) for kind, step, _ in
+                                                           replicated]
+    assert [loss for *_, loss in sharded] == pytest.approx([loss for *_, loss in replicated],
+                                                           rel=1e-6, abs=2e-6)
     train = [loss for kind, _, loss in losses(fsdp) if kind == "train"]
     held = [loss for kind, _, loss in losses(fsdp) if kind == "eval"]
     assert train[-1] < train[0] and held[-1] < held[0]
