@@ -1,7 +1,7 @@
 """FSDP2 with the shipped accelerate config, two CPU processes over gloo: a run stopped after 3
 steps and resumed with `--resume RUN --set max_steps=6` matches a DDP run straight to 6 steps at
-every step, to float rounding (and DDP matches one process: tests/train/test_distributed.py); its checkpoints hold
-full tensors.
+every step, to float rounding (and DDP matches one process: tests/train/test_distributed.py); its
+checkpoints hold full tensors.
 
 accelerate routes FSDP only on GPUs; afinar routes it on CPU (train/sharding.py), so the code
 path is accelerate's FSDP2 one, the same as on a GPU machine.
@@ -42,8 +42,8 @@ def test_fsdp_trains_like_ddp_checkpoints_full_tensors_and_resumes(tmp_path, tin
                                                            replicated]
     assert [loss for *_, loss in sharded] == pytest.approx([loss for *_, loss in replicated],
                                                            rel=1e-6, abs=2e-6)
-    train = [loss for kind, _, loss in losses(fsdp) if kind == "train"]
-    held = [loss for kind, _, loss in losses(fsdp) if kind == "eval"]
+    train = [loss for kind, _, loss in sharded if kind == "train"]
+    held = [loss for kind, _, loss in sharded if kind == "eval"]
     assert train[-1] < train[0] and held[-1] < held[0]
     a, b = adapter(fsdp), adapter(ddp)
     assert a.keys() == b.keys()

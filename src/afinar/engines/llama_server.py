@@ -258,21 +258,25 @@ class LlamaServer:
         logging.getLogger("afinar.engines").warning("%s\n%s", failure.message, failure.log_tail)
         return failure
 
-    def complete(self, prompt_ids: list[int], n_predict: int, lora: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None) -> dict:
-        """The generated token ids ("tokens") and llama.cpp's reason for stopping."""
+    def _post_completion(self, body: dict, timeout=httpx.USE_CLIENT_DEFAULT):
+        """POST /completion; a child that died or did not answer, or a non-200 answer, is an
+        EngineUnavailable."""
         client = self._ready_client()
         try:
-            reply = client.post("/completion", json=self._body(prompt_ids, n_predict, lora,
-                                                               temperature, top_p, seed, stop or [],
-                                                               False))
+            reply = client.post("/completion", json=body, timeout=timeout)
         except httpx.HTTPError as exc:
             raise self._failed(exc) from None
         if reply.status_code != 200:
             raise EngineUnavailable(f"llama-server answered {reply.status_code}: "
                                     f"{reply.text[:300]}")
         return reply.json()
+
+    def complete(self, prompt_ids: list[int], n_predict: int, lora: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None) -> dict:
+        """The generated token ids ("tokens") and llama.cpp's reason for stopping."""
+        return self._post_completion(self._body(prompt_ids, n_predict, lora, temperature, top_p,
+                                                seed, stop or [], False))
 
     def complete_many(self, prompts: list[list[int]], n_predict: int, lora: int | None = None,
                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -282,18 +286,10 @@ class LlamaServer:
         (its slots are not batch-invariant: llama.cpp #6583, #7052)."""
         if len(prompts) == 1:
             return [self.complete(prompts[0], n_predict, lora, temperature, top_p, seed, stop)]
-        client = self._ready_client()
         body = self._body(prompts, n_predict, lora, temperature, top_p, seed, stop or [], False)
         # Each slot answers its share of the prompts one after another.
         timeout = self.request_timeout_s * math.ceil(len(prompts) / self.slots)
-        try:
-            reply = client.post("/completion", json=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            raise self._failed(exc) from None
-        if reply.status_code != 200:
-            raise EngineUnavailable(f"llama-server answered {reply.status_code}: "
-                                    f"{reply.text[:300]}")
-        results = sorted(reply.json(), key=lambda r: r["index"])
+        results = sorted(self._post_completion(body, timeout), key=lambda r: r["index"])
         if len(results) != len(prompts):
             raise EngineUnavailable(f"llama-server answered {len(results)} of {len(prompts)} "
                                     "prompts")
